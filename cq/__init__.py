@@ -1,26 +1,48 @@
-"""cq: convert safetensors weights to INT8 files that ComfyUI loads natively."""
+"""cq: convert safetensors weights to INT8 files that ComfyUI loads natively.
 
+The public surface: the facade (:func:`convert_to_int8`) and converter classes of the reference
+tool, the layer-state pipeline API (:class:`LayerState`, :func:`pipeline`, :func:`stage` and the
+transforms in :mod:`cq.transforms`), I/O (:mod:`cq.io`) and the reference's utilities.
+"""
+
+from .api import convert_to_int8
+from .config import ConvertConfig
+from .constants import (COMPUTE_DTYPE, INT8_MAX, INT8_MIN, INT8_SYMMETRIC_MAX, SCALE_DTYPE, TARGET_INT8_DTYPE,
+                        VALID_QUANT_FORMATS, FilterFlags, HessianMatrix, LayerConfig, ScaleTensor, WeightTensor)
+from .convert import convert_file
+from .converters import GPTQInt8Converter, LearnedRoundingConverter, QuIPInt8Converter
 from .errors import ConfigError, CqError, InputError, NonFiniteWeightError, UnsupportedBackendError
+from .io import (MemoryEfficientSafeOpen, SafetensorsWriter, UnifiedSafetensorsLoader, check_with_comfy_kitchen,
+                 validate_comfy_file, write_safetensors)
+from .layer_config import create_layer_config_template, get_layer_settings, load_layer_config
+from .logs import get_logger, setup_logging
+from .lora import (load_lora_for_merging, load_lora_tensors, load_multiple_loras_for_merging, lora_key_map,
+                   merge_lora_into_weight, merge_multiple_loras)
 from .pipeline import Pipeline, Stage, pipeline, stage, tap
+from .presets import MODEL_FILTERS, PRESETS, Preset
+from .quality import QualityReporter, compute_max_error, compute_mse, compute_quality_metrics, compute_sqnr
+from .recipes import optimizer_pipeline, rtn_pipeline
+from .report import ConversionReport, LayerReport
+from .selection import Decision, LayerOverride, SelectionConfig, decide, iter_decisions
 from .state import LayerState, PerBlock, PerGroup, PerRow, PerTensor, record
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CqError",
-    "ConfigError",
-    "InputError",
-    "NonFiniteWeightError",
-    "UnsupportedBackendError",
-    "LayerState",
-    "PerTensor",
-    "PerRow",
-    "PerBlock",
-    "PerGroup",
-    "record",
-    "Stage",
-    "Pipeline",
-    "pipeline",
-    "stage",
-    "tap",
+    # facade and converters (the reference's API)
+    "convert_to_int8", "QuIPInt8Converter", "LearnedRoundingConverter", "GPTQInt8Converter",
+    "UnifiedSafetensorsLoader", "MemoryEfficientSafeOpen", "QualityReporter", "load_lora_tensors",
+    "load_lora_for_merging", "load_multiple_loras_for_merging", "merge_lora_into_weight", "merge_multiple_loras",
+    "load_layer_config", "get_layer_settings", "create_layer_config_template", "setup_logging", "get_logger",
+    "TARGET_INT8_DTYPE", "COMPUTE_DTYPE", "SCALE_DTYPE", "INT8_SYMMETRIC_MAX", "INT8_MIN", "INT8_MAX",
+    "MODEL_FILTERS", "VALID_QUANT_FORMATS", "WeightTensor", "ScaleTensor", "HessianMatrix", "FilterFlags",
+    "LayerConfig", "compute_mse", "compute_sqnr", "compute_max_error", "compute_quality_metrics",
+    # cq's own API
+    "ConvertConfig", "convert_file", "ConversionReport", "LayerReport", "SelectionConfig", "LayerOverride",
+    "Decision", "decide", "iter_decisions", "PRESETS", "Preset", "lora_key_map", "SafetensorsWriter",
+    "write_safetensors", "validate_comfy_file", "check_with_comfy_kitchen", "rtn_pipeline", "optimizer_pipeline",
+    "LayerState", "PerTensor", "PerRow", "PerBlock", "PerGroup", "record", "Stage", "Pipeline", "pipeline",
+    "stage", "tap",
+    # errors
+    "CqError", "ConfigError", "InputError", "NonFiniteWeightError", "UnsupportedBackendError",
 ]

@@ -1,0 +1,406 @@
+"""The calibration file format, its reader and writer, and the reference tool's synthetic "calibration".
+
+Format ``cq-calibration-1`` (a safetensors file). For each layer ``L`` (its weight key without
+``.weight``, e.g. ``model.diffusion_model.blocks.0.attn.qkv``):
+
+========================  =================  ==============================================
+tensor                    dtype, shape       meaning
+========================  =================  ==============================================
+``<L>.hessian``           float32 [K, K]     ``H = 2/T · XᵀX`` over the ``T`` input rows ``X``
+``<L>.input_absmax``      float32 [K]        ``max_t |X[t, k]|`` (SmoothQuant)
+``<L>.input_mean``        float32 [K]        ``mean_t X[t, k]`` (bias correction)
+``<L>.samples``           int64 ``()``       ``T`` for this layer (only when layers differ)
+========================  =================  ==============================================
+
+Header metadata: ``format = "cq-calibration-1"``, ``samples = T`` (decimal string). Layers absent
+from the file fall back to ``H = I`` (GPTQ/LDLQ then equal round-to-nearest) with a note.
+
+The reference tool's files are read too (no Hessian, so ``H = I``): ``.json`` as
+``{L: {"channel_max": [...], "channel_mean": [...], "input_scale": x}}`` or ``{L: x}``, and
+safetensors with ``<L>.channel_max`` / ``<L>.channel_mean`` / ``<L>.input_scale``. Its
+``channel_mean`` is ``mean |x|`` (not the signed mean), so it is exposed as
+:meth:`Calibration.input_abs_mean`, never as :meth:`Calibration.input_mean`.
+
+Example:
+    >>> import tempfile, os, torch
+    >>> from cq.calibrate import capture
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2)).eval()
+    >>> stats = capture(model, [torch.randn(8, 3)], name_map="blocks.")
+    >>> path = os.path.join(tempfile.mkdtemp(), "calib.safetensors")
+    >>> _ = save_calibration(path, stats)
+    >>> cal = load_calibration(path)
+    >>> cal.layers, cal.samples, tuple(cal.hessian("blocks.0").shape), cal.hessian("missing") is None
+    (('blocks.0',), 8, (3, 3), True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+import torch
+
+from .calibrate import HessianStats, hessian_finalize, hessian_init, hessian_update
+from .errors import ConfigError, InputError
+from .state import LayerState, record
+
+__all__ = [
+    "FORMAT",
+    "Calibration",
+    "save_calibration",
+    "load_calibration",
+    "synthetic_hessian",
+    "attach_calibration",
+]
+
+FORMAT = "cq-calibration-1"
+
+_CQ_SUFFIXES = ("hessian", "input_absmax", "input_mean", "samples")
+_REF_SUFFIXES = ("channel_max", "channel_mean", "input_scale")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _check_stats(layer: str, st: HessianStats) -> int:
+    if not isinstance(st, HessianStats):
+        raise InputError(f"save_calibration: {layer!r} must map to a HessianStats (from cq.calibrate), "
+                         f"got {type(st).__name__}")
+    h = st.hessian
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise InputError(f"save_calibration: {layer}.hessian must be square [K, K], got {tuple(h.shape)}")
+    k = h.shape[0]
+    for what, t in (("input_absmax", st.input_absmax), ("input_mean", st.input_mean)):
+        if tuple(t.shape) != (k,):
+            raise InputError(f"save_calibration: {layer}.{what} must be [{k}] to match the Hessian, "
+                             f"got {tuple(t.shape)}")
+    if isinstance(st.samples, bool) or not isinstance(st.samples, int) or st.samples <= 0:
+        raise InputError(f"save_calibration: {layer}.samples must be a positive int, got {st.samples!r}")
+    return st.samples
+
+
+def save_calibration(path: str | os.PathLike, stats: Mapping[str, HessianStats], *,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``stats`` (``{layer: HessianStats}``) as a ``cq-calibration-1`` file, atomically.
+
+    The file is written to a temporary name in the target folder and renamed over ``path`` only
+    when complete, so a crash never leaves a partial file. ``metadata`` adds free-form header
+    entries (``format`` and ``samples`` are reserved). Returns the path written.
+    """
+    from safetensors.torch import save_file
+
+    if not stats:
+        raise InputError("save_calibration: no layers to save; capture() returned nothing "
+                         "(did the inputs reach any nn.Linear?)")
+    tensors: dict[str, torch.Tensor] = {}
+    samples = {layer: _check_stats(layer, st) for layer, st in stats.items()}
+    uniform = len(set(samples.values())) == 1
+    for layer, st in stats.items():
+        tensors[f"{layer}.hessian"] = st.hessian.detach().to(torch.float32).cpu().contiguous()
+        tensors[f"{layer}.input_absmax"] = st.input_absmax.detach().to(torch.float32).cpu().contiguous()
+        tensors[f"{layer}.input_mean"] = st.input_mean.detach().to(torch.float32).cpu().contiguous()
+        if not uniform:
+            tensors[f"{layer}.samples"] = torch.tensor(st.samples, dtype=torch.int64)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    reserved = sorted({"format", "samples"} & set(meta))
+    if reserved:
+        raise ConfigError(f"save_calibration: metadata keys {reserved} are reserved; rename them")
+    meta["format"] = FORMAT
+    meta["samples"] = str(max(samples.values()))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _split(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
+    for suffix in suffixes:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    return None
+
+
+@attrs.frozen(eq=False)
+class Calibration:
+    """A calibration file opened for lazy per-layer reads (see :func:`load_calibration`).
+
+    ``kind`` is ``"cq"`` (Hessians) or ``"reference"`` (channel statistics only). Accessors
+    return ``None`` for layers or entries the file does not have.
+    """
+
+    path: Path
+    kind: str
+    samples: int | None
+    entries: Mapping[str, Mapping[str, Any]]  # layer -> {suffix: tensor key (safetensors) or tensor (json)}
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(sorted(self.entries))
+
+    def __contains__(self, layer: str) -> bool:
+        return layer in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _read(self, layer: str, suffix: str) -> torch.Tensor | None:
+        entry = self.entries.get(layer, {}).get(suffix)
+        if entry is None:
+            return None
+        if isinstance(entry, torch.Tensor):
+            return entry.clone()
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(entry)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise InputError(f"{self.path}: cannot read {entry!r}: {exc}; the file changed or is damaged, "
+                             "write it again with save_calibration") from None
+
+    def _vector(self, layer: str, suffix: str) -> torch.Tensor | None:
+        t = self._read(layer, suffix)
+        if t is None:
+            return None
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise InputError(f"{self.path}: {layer}.{suffix} must hold finite floats; recapture this layer")
+        return t.to(torch.float32)
+
+    def hessian(self, layer: str) -> torch.Tensor | None:
+        """``H`` [K, K] float32 for ``layer``, validated (finite, symmetric), or ``None``."""
+        h = self._read(layer, "hessian")
+        if h is None:
+            return None
+        if not h.is_floating_point():
+            raise InputError(f"{self.path}: {layer}.hessian must be float, got {h.dtype}")
+        bad = int((~torch.isfinite(h)).sum())
+        if bad:
+            raise InputError(f"{self.path}: {layer}.hessian has {bad} NaN/Inf entries; recapture this layer "
+                             "(its inputs overflowed) or delete the entry to fall back to H = I")
+        h = h.to(torch.float32)
+        scale = float(h.abs().max()) if h.numel() else 0.0
+        asym = float((h - h.t()).abs().max()) if h.numel() else 0.0
+        if asym > 1e-5 * max(scale, 1e-30):
+            raise InputError(f"{self.path}: {layer}.hessian is not symmetric (max |H - Hᵀ| = {asym:.3g}, "
+                             f"max |H| = {scale:.3g}); a Hessian 2/T·XᵀX is symmetric: recapture this layer")
+        return h
+
+    def input_absmax(self, layer: str) -> torch.Tensor | None:
+        """Per-channel ``max |x|`` [K] (the reference's ``channel_max``), or ``None``."""
+        return self._vector(layer, "input_absmax" if self.kind == "cq" else "channel_max")
+
+    def input_mean(self, layer: str) -> torch.Tensor | None:
+        """Per-channel signed mean of the inputs [K] (cq files only), or ``None``."""
+        return self._vector(layer, "input_mean") if self.kind == "cq" else None
+
+    def input_abs_mean(self, layer: str) -> torch.Tensor | None:
+        """The reference's ``channel_mean`` (``mean |x|``) [K], or ``None``."""
+        return self._vector(layer, "channel_mean") if self.kind == "reference" else None
+
+    def input_scale(self, layer: str) -> float | None:
+        """The reference's static ``input_scale`` (one number), or ``None``."""
+        t = self._vector(layer, "input_scale") if self.kind == "reference" else None
+        if t is None:
+            return None
+        if t.numel() != 1:
+            raise InputError(f"{self.path}: {layer}.input_scale must hold one number, got shape {tuple(t.shape)}")
+        return float(t.reshape(()))
+
+    def layer_samples(self, layer: str) -> int | None:
+        """``T`` for ``layer``: its own ``<L>.samples`` if stored, else the file's ``samples``."""
+        t = self._read(layer, "samples") if self.kind == "cq" else None
+        return int(t) if t is not None else (self.samples if layer in self.entries else None)
+
+
+def _load_reference_json(path: Path) -> Calibration:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a valid JSON calibration file ({exc}); expected "
+                         '{"layer": {"channel_max": [...], "input_scale": x}} or {"layer": x}') from None
+    if not isinstance(data, dict) or not data:
+        raise InputError(f"{path}: a JSON calibration file must be a non-empty object keyed by layer name")
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    for layer, value in data.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = {"input_scale": value}
+        if not isinstance(value, dict):
+            raise InputError(f"{path}: entry {layer!r} must be a number (input_scale) or an object with "
+                             f"channel_max / channel_mean / input_scale, got {type(value).__name__}")
+        entry = {}
+        for suffix, v in value.items():
+            if suffix not in _REF_SUFFIXES:
+                continue
+            try:
+                t = torch.tensor(v, dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: {layer}.{suffix} must be a number or a list of numbers") from None
+            if suffix != "input_scale" and t.ndim != 1:
+                raise InputError(f"{path}: {layer}.{suffix} must be a flat list [K], got shape {tuple(t.shape)}")
+            entry[suffix] = t
+        if entry:
+            entries[layer] = entry
+    if not entries:
+        raise InputError(f"{path}: no channel_max / channel_mean / input_scale entries found")
+    return Calibration(path=path, kind="reference", samples=None, entries=entries)
+
+
+def _load_safetensors(path: Path) -> Calibration:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own SafetensorError for damaged headers
+        raise InputError(f"{path}: not a readable safetensors calibration file ({exc}); pass a file written "
+                         "by cq (save_calibration) or the reference's .json/.safetensors format") from None
+    fmt = meta.get("format")
+    is_cq = fmt == FORMAT or (fmt is None and any(_split(k, ("hessian",)) for k in shapes))
+    if fmt is not None and fmt != FORMAT and any(_split(k, ("hessian",)) for k in shapes):
+        raise InputError(f"{path}: calibration format {fmt!r} is not supported; this cq reads {FORMAT!r}")
+    entries: dict[str, dict[str, str]] = {}
+    for key in shapes:
+        split = _split(key, _CQ_SUFFIXES if is_cq else _REF_SUFFIXES)
+        if split is None:
+            if is_cq:
+                raise InputError(f"{path}: unexpected tensor {key!r} in a {FORMAT} file; expected "
+                                 f"<layer>.{{{','.join(_CQ_SUFFIXES)}}}")
+            continue
+        layer, suffix = split
+        entries.setdefault(layer, {})[suffix] = key
+    if not entries:
+        raise InputError(f"{path}: no calibration entries (<layer>.hessian, or the reference's "
+                         "<layer>.channel_max / <layer>.input_scale) found")
+    samples = None
+    if is_cq:
+        raw = meta.get("samples")
+        if raw is not None:
+            try:
+                samples = int(raw)
+            except ValueError:
+                raise InputError(f"{path}: metadata samples={raw!r} must be an integer token count") from None
+            if samples <= 0:
+                raise InputError(f"{path}: metadata samples={samples} must be positive")
+        for layer, entry in entries.items():
+            if "hessian" not in entry:
+                raise InputError(f"{path}: layer {layer!r} has {sorted(entry)} but no {layer}.hessian")
+            shape = shapes[entry["hessian"]]
+            if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
+                raise InputError(f"{path}: {layer}.hessian must be square [K, K], got {list(shape)}")
+            for suffix in ("input_absmax", "input_mean"):
+                if suffix in entry and shapes[entry[suffix]] != (shape[0],):
+                    raise InputError(f"{path}: {layer}.{suffix} must be [{shape[0]}] to match the Hessian, "
+                                     f"got {list(shapes[entry[suffix]])}")
+            if "samples" in entry and shapes[entry["samples"]] not in ((), (1,)):
+                raise InputError(f"{path}: {layer}.samples must be a scalar, got {list(shapes[entry['samples']])}")
+            if samples is None and "samples" not in entry:
+                raise InputError(f"{path}: no token count for {layer!r}: set the metadata entry 'samples' "
+                                 f"or a {layer}.samples tensor")
+    else:
+        for layer, entry in entries.items():
+            for suffix in ("channel_max", "channel_mean"):
+                if suffix in entry and len(shapes[entry[suffix]]) != 1:
+                    raise InputError(f"{path}: {layer}.{suffix} must be [K], got {list(shapes[entry[suffix]])}")
+    return Calibration(path=path, kind="cq" if is_cq else "reference", samples=samples, entries=entries,
+                       metadata=meta)
+
+
+def load_calibration(path: str | os.PathLike) -> Calibration:
+    """Open a calibration file (cq's format or the reference's) for lazy per-layer reads.
+
+    The header is checked at once (layout, shapes, token counts); each tensor is read and
+    validated (finite, symmetric Hessian) when it is asked for. Every problem raises
+    :class:`~cq.errors.InputError` naming the file and the layer.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"calibration file not found: {p}; write one with cq.calibrate.capture + "
+                         "save_calibration, or leave calibration_data_path unset (H = I)")
+    if p.is_dir():
+        raise InputError(f"calibration path is a directory: {p}; pass the .safetensors or .json file")
+    if p.suffix.lower() == ".json":
+        return _load_reference_json(p)
+    return _load_safetensors(p)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def attach_calibration(state: LayerState, calibration: Calibration, *, layer: str | None = None) -> LayerState:
+    """Give ``state`` its Hessian (and input statistics) from ``calibration``.
+
+    ``layer`` defaults to ``state.name``. A layer the file lacks keeps ``hessian=None`` with a
+    note (GPTQ/LDLQ then use ``H = I``). Input statistics go to ``meta["calibration"]``. Attach
+    before any rotation stage: the file holds original-basis statistics.
+    """
+    layer = layer or state.name
+    h = calibration.hessian(layer) if calibration.kind == "cq" else None
+    stats = {"input_absmax": calibration.input_absmax(layer), "input_mean": calibration.input_mean(layer),
+             "samples": calibration.layer_samples(layer)}
+    stats = {k: v for k, v in stats.items() if v is not None}
+    meta = {"calibration": stats} if stats else None
+    if h is None:
+        return record(state, "attach_calibration", None, meta=meta,
+                      note=f"calibration: no Hessian for {layer} in {calibration.path.name}; H = I")
+    k = state.shape[1]
+    if tuple(h.shape) != (k, k):
+        raise InputError(f"{state.name}: the calibration Hessian of {layer} is {list(h.shape)}, the weight has "
+                         f"in_features={k}; the file was captured from a different model")
+    if state.rotation is not None:
+        raise InputError(f"{state.name}: attach the calibration before rotating the layer (the file holds "
+                         "original-basis Hessians)")
+    return record(state, "attach_calibration", None, meta=meta, hessian=h)
+
+
+def synthetic_hessian(k: int, *, samples: int, seed: int, lora_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference tool's synthetic "calibration": ``H = 2/T · XᵀX`` of seeded Gaussian noise.
+
+    **Not data-aware.** Gaussian ``X`` gives ``H ≈ 2·I`` plus noise, so GPTQ/LDLQ with it are
+    round-to-nearest at best (and often slightly worse: they fit the noise). It exists for
+    compatibility with ``calib_samples`` / ``seed`` / ``calibration_lora_path``. With ``lora_rows``
+    (a LoRA's A matrix ``[r, K]``) the rows are stacked first, then ``samples − r`` noise rows
+    (just the first ``samples`` LoRA rows if ``r ≥ samples``). Deterministic for a seed: the noise
+    comes from a CPU ``torch.Generator``, whatever the device.
+
+    Example:
+        >>> h = synthetic_hessian(4, samples=4096, seed=0)
+        >>> torch.equal(h, synthetic_hessian(4, samples=4096, seed=0)), round(float(h.diagonal().mean()), 1)
+        (True, 2.0)
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
+        raise ConfigError(f"samples={samples!r} must be a positive int (the reference's calib_samples, e.g. 6144)")
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ConfigError(f"k={k!r} must be a positive int (in_features)")
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    parts = []
+    if lora_rows is not None:
+        a = lora_rows.detach().to(torch.float32).cpu()
+        if a.ndim != 2 or a.shape[1] != k:
+            raise InputError(f"lora_rows must be a LoRA A matrix [rank, {k}], got {tuple(a.shape)}")
+        parts.append(a[:samples])
+    rest = samples - sum(p.shape[0] for p in parts)
+    if rest > 0:
+        parts.append(torch.randn(rest, k, generator=g, dtype=torch.float32))
+    acc = hessian_init(k)
+    for p in parts:
+        acc = hessian_update(acc, p)
+    return hessian_finalize(acc).hessian

@@ -1,0 +1,535 @@
+"""Hessian pieces shared by GPTQ, LDLQ and QuIP: dead columns, damping, robust Cholesky, LDL factors.
+
+Notation: ``H`` is ``[K, K]`` (``2/T · XᵀX``), ``W`` is ``[N, K]``, ``J`` is the exchange matrix
+(``J·H·J`` = ``H.flip(0, 1)``). Both GPTQ and LDLQ process columns left to right, so the factor they
+need is the Cholesky factor of the *reversed* Hessian, ``J H J = C Cᵀ`` (``C`` lower). From it:
+
+* GPTQ's ``Hinv`` (the upper Cholesky factor of ``H⁻¹``) is ``U = J C⁻¹ J`` (one triangular solve,
+  no ``cholesky_inverse``, which is erratic with 2 MKL threads);
+* LDLQ's feedback is ``H = Mᵀ D M`` with ``M = J (C·diag(1/C_jj))ᵀ J`` unit lower and
+  ``D = J diag(C)² J``, so ``D_ii = 1/U_ii²`` (the uniform-error prediction uses ``tr(D)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+from ..errors import ConfigError, InputError
+from ..kernels import quantize_int8
+from ..state import LayerState, PerRow, PerTensor, record
+from .rounding import _need_scale, int8_format
+from .scales import expand_scale
+
+__all__ = [
+    "DampingConfig",
+    "PreparedHessian",
+    "CholeskyResult",
+    "hessian_problem",
+    "prepare_hessian",
+    "robust_cholesky",
+    "inverse_cholesky_upper",
+    "ldl_from_reversed_cholesky",
+    "ldl_diagonal",
+    "actorder_permutation",
+    "predicted_rel_out",
+    "quadratic_forms",
+    "working_dtype",
+]
+
+
+def _nonneg_float(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{attribute.name}={value!r} must be a finite number >= 0, e.g. 0.01")
+
+
+def _nonneg_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{attribute.name}={value!r} must be an int >= 0, e.g. 6")
+
+
+def _growth(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 1:
+        raise ConfigError(f"growth={value!r} must be a finite number > 1 (the damping multiplier per retry), e.g. 10")
+
+
+def _dead(instance, attribute, value):
+    if value not in ("round", "zero"):
+        raise ConfigError(f"dead_columns={value!r} must be 'round' (keep the weights, round to nearest) "
+                          "or 'zero' (the GPTQ reference: zero the weight columns)")
+
+
+@attrs.frozen
+class DampingConfig:
+    """How a Hessian is conditioned before it is factored.
+
+    ``percdamp``: damping added to the diagonal, relative to the mean of the live diagonal
+    (``percdamp · mean(diag H)``; 0.01 as in the GPTQ reference).
+    ``max_tries``: how many times the damping is multiplied by ``growth`` when the Cholesky
+    factorization fails before giving up (the caller then rounds to nearest with a note).
+    ``dead_columns``: what to do with inputs that never activated (``diag H == 0``):
+    ``"round"`` (cq's default) keeps those weights and rounds them to nearest, since calibration
+    data that never exercised an input says nothing about it; ``"zero"`` zeros them like the
+    GPTQ reference. Either way the proxy loss is the same (those columns never reach ``X·Wᵀ``).
+
+    Example:
+        >>> DampingConfig(percdamp=0.05).max_tries
+        6
+    """
+
+    percdamp: float = attrs.field(default=0.01, validator=_nonneg_float)
+    max_tries: int = attrs.field(default=6, validator=_nonneg_int)
+    growth: float = attrs.field(default=10.0, validator=_growth)
+    dead_columns: str = attrs.field(default="round", validator=_dead)
+
+
+@attrs.frozen(eq=False)
+class PreparedHessian:
+    """A Hessian ready to factor: dead columns decoupled (``H_dd = 1``), damping added."""
+
+    hessian: torch.Tensor  # float64 [K, K], dead rows/cols zeroed, H_dd = 1, + damp·I
+    weight: torch.Tensor  # [N, K], dead columns zeroed when DampingConfig.dead_columns == "zero"
+    dead: torch.Tensor  # bool [K]
+    damp: float  # absolute amount added to the diagonal
+    base: float  # mean of the live diagonal (damping is relative to it)
+    notes: tuple[str, ...] = ()
+
+
+@attrs.frozen(eq=False)
+class CholeskyResult:
+    """Outcome of :func:`robust_cholesky`: ``lower`` is ``None`` when every try failed."""
+
+    lower: torch.Tensor | None  # L with H + (damp - damp_in)·I = L Lᵀ
+    damp: float  # total absolute damping on the diagonal after the retries
+    tries: int  # factorizations attempted
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.lower is not None
+
+
+def working_dtype(precision: str, k: int, n: int = 0) -> torch.dtype:
+    """The dtype GPTQ/LDLQ compute in for an ``[n, k]`` weight.
+
+    ``"auto"`` is float64 while the work is small (``(n + k)·k² ≤ 2³³`` flops, e.g. every layer
+    of a BERT-base-sized model) and float32 above. Float64 makes GPTQ and LDLQ agree code for code;
+    at 4096² a float64 Cholesky + triangular inverse takes 3.7 s vs 1.8 s in float32 (2 cores),
+    and float32 with 1 % damping is accurate enough (the reference runs in float32; GPTQ and LDLQ
+    then differ in ~2e-4 of the codes through float ties, with equal loss).
+
+    Example:
+        >>> working_dtype("auto", 384, 1536), working_dtype("auto", 4096, 4096)
+        (torch.float64, torch.float32)
+    """
+    if precision == "auto":
+        return torch.float64 if (n + k) * k * k <= 2 ** 33 else torch.float32
+    if precision == "float64":
+        return torch.float64
+    if precision == "float32":
+        return torch.float32
+    raise ConfigError(f"precision={precision!r} must be 'auto', 'float32' or 'float64'")
+
+
+def hessian_problem(h: torch.Tensor, k: int, *, name: str = "layer") -> str | None:
+    """Why ``h`` cannot serve as the Hessian of a layer with ``k`` inputs, or ``None`` if it can.
+
+    Shape problems raise :class:`~cq.errors.InputError` (a caller bug); non-finite values are
+    returned as a reason so that a transform can fall back to round-to-nearest with a note.
+
+    Example:
+        >>> hessian_problem(torch.eye(3), 3) is None
+        True
+        >>> hessian_problem(torch.full((2, 2), float("nan")), 2)
+        'Hessian has 4 non-finite entries'
+    """
+    if not isinstance(h, torch.Tensor) or h.ndim != 2 or tuple(h.shape) != (k, k):
+        shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+        raise InputError(f"{name}: Hessian must be [{k}, {k}] (in_features squared) to match the weight, "
+                         f"got {shape}; pass the Hessian captured for this layer")
+    if not h.is_floating_point():
+        raise InputError(f"{name}: Hessian must be a float tensor, got {h.dtype}")
+    bad = int((~torch.isfinite(h)).sum())
+    if bad:
+        return f"Hessian has {bad} non-finite entries"
+    return None
+
+
+def prepare_hessian(h: torch.Tensor, w: torch.Tensor, cfg: DampingConfig = DampingConfig(), *,
+                    name: str = "layer", dtype: torch.dtype = torch.float64) -> PreparedHessian:
+    """Decouple dead inputs and add ``percdamp · mean(live diag)`` to the diagonal.
+
+    Dead inputs (``diag H == 0``: never activated) get ``H_dd = 1`` and zero off-diagonal
+    entries, so GPTQ/LDLQ round them independently; their weights are kept (``"round"``) or
+    zeroed (``"zero"``) per ``cfg.dead_columns``. The result is a fresh ``dtype`` copy; neither
+    input is modified. Factorizations read one triangle only, so a slightly asymmetric ``h``
+    (float rounding in ``XᵀX``) needs no symmetrization.
+
+    Raises:
+        InputError: wrong shape, or non-finite entries (see :func:`hessian_problem`).
+
+    Example:
+        >>> p = prepare_hessian(torch.diag(torch.tensor([2.0, 0.0])), torch.ones(1, 2))
+        >>> p.hessian.diagonal().tolist(), p.dead.tolist(), p.damp
+        ([2.02, 1.02], [False, True], 0.02)
+    """
+    k = w.shape[-1]
+    why = hessian_problem(h, k, name=name)
+    if why:
+        raise InputError(f"{name}: {why}; recapture the calibration data for this layer")
+    h64 = h.detach().to(dtype=dtype, copy=True)
+    diag = h64.diagonal()
+    dead = diag == 0
+    notes = []
+    n_dead = int(dead.sum())
+    live = diag[~dead]
+    base = float(live.to(torch.float64).abs().mean()) if live.numel() else 1.0
+    if not math.isfinite(base) or base <= 0:
+        base = 1.0
+    weight = w
+    if n_dead:
+        h64[dead, :] = 0
+        h64[:, dead] = 0
+        h64[dead, dead] = 1.0
+        if cfg.dead_columns == "zero":
+            weight = w.clone()
+            weight[:, dead] = 0
+            notes.append(f"{n_dead} dead input column(s) (never activated): weights zeroed")
+        else:
+            notes.append(f"{n_dead} dead input column(s) (never activated): rounded to nearest")
+    damp = cfg.percdamp * base
+    if damp:
+        h64.diagonal().add_(damp)
+    return PreparedHessian(hessian=h64, weight=weight, dead=dead, damp=damp, base=base, notes=tuple(notes))
+
+
+def robust_cholesky(h: torch.Tensor, cfg: DampingConfig = DampingConfig(), *, damp: float = 0.0,
+                    base: float | None = None) -> CholeskyResult:
+    """Lower Cholesky factor of ``h``, adding damping ×``cfg.growth`` on failure, at most ``cfg.max_tries`` times.
+
+    ``damp`` is the damping ``h`` already carries and ``base`` the scale it is relative to (default:
+    the mean of ``|diag h|``). A failed factorization (``cholesky_ex`` info > 0), a non-finite
+    factor or a pivot too small to trust (``C_ii² ≤ K·eps·base``: numerically singular) raises the damping to ``max(damp · growth, percdamp · base)`` (or ``1e-6 · base`` when
+    ``percdamp`` is 0). After the last try ``lower`` is ``None``; the caller falls back to
+    round-to-nearest. Never raises on non-positive-definite, singular, zero or NaN input.
+
+    Example:
+        >>> r = robust_cholesky(torch.tensor([[1.0, 3.0], [3.0, 1.0]], dtype=torch.float64))
+        >>> r.ok, r.tries, r.damp  # eigenvalues 4 and -2: damping 0, 0.01, 0.1, 1 fail, 10 works
+        (True, 5, 10.0)
+    """
+    if base is None:
+        base = float(h.diagonal().abs().mean()) if h.numel() else 1.0
+    if not math.isfinite(base) or base <= 0:
+        base = 1.0
+    notes = []
+    if not bool(torch.isfinite(h).all()):
+        return CholeskyResult(lower=None, damp=damp, tries=0,
+                              notes=("Hessian has non-finite entries; cannot factor it",))
+    total = damp
+    tiny = h.shape[0] * torch.finfo(h.dtype).eps * base
+    eye_diag = None
+    for attempt in range(cfg.max_tries + 1):
+        extra = total - damp
+        if extra:
+            if eye_diag is None:
+                eye_diag = torch.ones(h.shape[0], dtype=h.dtype, device=h.device)
+            ht = h + torch.diag(eye_diag * extra)
+        else:
+            ht = h
+        lower, info = torch.linalg.cholesky_ex(ht)
+        if int(info) == 0 and bool(torch.isfinite(lower).all()) and float(lower.diagonal().min()) ** 2 > tiny:
+            if attempt:
+                notes.append(f"Cholesky failed {attempt}x; succeeded with damping {total / base:.3g} × mean diag")
+            return CholeskyResult(lower=lower, damp=total, tries=attempt + 1, notes=tuple(notes))
+        start = cfg.percdamp * base if cfg.percdamp else 1e-6 * base
+        total = max(total * cfg.growth, start)
+    notes.append(f"Cholesky failed after {cfg.max_tries + 1} tries (last damping {total / base:.3g} × mean diag); "
+                 "the Hessian is not positive definite")
+    return CholeskyResult(lower=None, damp=total, tries=cfg.max_tries + 1, notes=tuple(notes))
+
+
+def inverse_cholesky_upper(lower_rev: torch.Tensor) -> torch.Tensor:
+    """GPTQ's ``Hinv``: the upper factor ``U`` of ``H⁻¹ = UᵀU``, from ``C`` with ``J H J = C Cᵀ``.
+
+    ``U = J C⁻¹ J`` costs one triangular solve (``K³/3`` flops with the Cholesky), against three
+    factorizations for the textbook ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``.
+
+    Example:
+        >>> h = torch.tensor([[4.0, 2.0], [2.0, 3.0]], dtype=torch.float64)
+        >>> u = inverse_cholesky_upper(torch.linalg.cholesky(h.flip(0, 1)))
+        >>> torch.allclose(u.t() @ u, torch.linalg.inv(h)), bool(u.tril(-1).eq(0).all())
+        (True, True)
+    """
+    k = lower_rev.shape[0]
+    eye = torch.eye(k, dtype=lower_rev.dtype, device=lower_rev.device)
+    inv = torch.linalg.solve_triangular(lower_rev, eye, upper=False)
+    return inv.flip(0, 1)
+
+
+def ldl_from_reversed_cholesky(lower_rev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, d)`` with ``H = Mᵀ diag(d) M``, ``M`` unit lower, from ``C`` with ``J H J = C Cᵀ``.
+
+    LDLQ rounds column ``k`` after adding ``Σ_{j<k} M_kj · (w_j − ŵ_j)``; then
+    ``(W − Ŵ)·Mᵀ`` is the matrix of per-column rounding errors and the proxy loss is
+    ``Σ_k d_k ‖η_k‖²``.
+
+    Example:
+        >>> h = torch.tensor([[4.0, 2.0], [2.0, 3.0]], dtype=torch.float64)
+        >>> m, d = ldl_from_reversed_cholesky(torch.linalg.cholesky(h.flip(0, 1)))
+        >>> torch.allclose(m.t() @ torch.diag(d) @ m, h), m.diagonal().tolist()
+        (True, [1.0, 1.0])
+    """
+    c_diag = lower_rev.diagonal()
+    unit = lower_rev / c_diag.unsqueeze(0)
+    m = unit.flip(0, 1).t().contiguous()
+    d = (c_diag * c_diag).flip(0)
+    return m, d
+
+
+def ldl_diagonal(h: torch.Tensor) -> torch.Tensor:
+    """``D`` of ``H = Mᵀ D M`` (unit lower ``M``): ``D_ii = 1/U_ii²`` for GPTQ's ``Hinv = U``.
+
+    ``h`` must be positive definite (damp it first). ``tr(D) ≤ tr(H)``: the uniform-error
+    prediction of GPTQ/LDLQ is ``Σ_r Δ_r²/12 · tr(D)`` against ``Σ_r Δ_r²/12 · tr(H)`` for RTN.
+
+    Example:
+        >>> [round(v, 6) for v in ldl_diagonal(torch.tensor([[4.0, 2.0], [2.0, 3.0]], dtype=torch.float64)).tolist()]
+        [2.666667, 3.0]
+    """
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if int(info):
+        raise InputError(f"ldl_diagonal needs a positive definite matrix; the factorization failed at "
+                         f"pivot {int(info)}; damp it first (prepare_hessian / robust_cholesky)")
+    return (lower.diagonal() ** 2).flip(0)
+
+
+def actorder_permutation(h: torch.Tensor) -> torch.Tensor:
+    """GPTQ's act-order: columns by decreasing ``diag(H)`` (stable, so ties keep their order).
+
+    Example:
+        >>> actorder_permutation(torch.diag(torch.tensor([1.0, 3.0, 1.0, 2.0]))).tolist()
+        [1, 3, 0, 2]
+    """
+    return torch.argsort(h.diagonal(), descending=True, stable=True)
+
+
+def quadratic_forms(mats: list[torch.Tensor], h: torch.Tensor | None) -> list[float]:
+    """``[tr(A H Aᵀ) for A in mats]`` with one stacked GEMM (``h=None`` means ``H = I``).
+
+    Small problems run in float64; above ~2 GFLOP the GEMM runs in float32 (relative error
+    ~1e-6, far below what the metrics resolve) and only the reductions in float64: at 4096² a
+    float64 GEMM takes ~3× longer.
+    """
+    if not mats:
+        return []
+    if h is None:
+        return [float((a.detach().to(torch.float64) ** 2).sum()) for a in mats]
+    n_rows = sum(a.shape[0] for a in mats)
+    k = h.shape[0]
+    dtype = torch.float64 if n_rows * k * k <= 2 ** 31 else torch.float32
+    stacked = torch.cat([a.to(dtype) for a in mats], dim=0)
+    prod = (stacked @ h.to(dtype)).mul_(stacked)
+    sums = prod.to(torch.float64).sum(dim=1) if dtype != torch.float64 else prod.sum(dim=1)
+    out, start = [], 0
+    for a in mats:
+        out.append(float(sums[start:start + a.shape[0]].sum()))
+        start += a.shape[0]
+    return out
+
+
+def predicted_rel_out(scale: torch.Tensor, d: torch.Tensor, w: torch.Tensor | None = None,
+                      h: torch.Tensor | None = None, *, signal: float | None = None) -> float:
+    """Uniform-error prediction ``√(Σ_{r,k} Δ_rk²/12 · d_k / tr(W H Wᵀ))``.
+
+    ``scale``: the quantization step, ``()`` / ``[N, 1]`` / full ``[N, K]``; ``d``: ``[K]``, the
+    LDL diagonal of the damped Hessian for GPTQ/LDLQ (``diag H`` for RTN). The denominator is
+    ``signal`` if given, else computed from ``w`` and ``h``. See algorithms.md §9.2.
+
+    Example:
+        >>> w = torch.tensor([[1.27, -0.5]]); s = torch.tensor([[0.01]])
+        >>> round(predicted_rel_out(s, torch.ones(2), w, torch.eye(2)), 6)
+        0.002991
+    """
+    if signal is None:
+        if w is None or h is None:
+            raise ValueError("predicted_rel_out needs signal= or both w and h")
+        signal = quadratic_forms([w], h)[0]
+    s2 = scale.detach().to(torch.float64) ** 2
+    d64 = d.detach().to(torch.float64)
+    if s2.ndim == 0:
+        if w is None:
+            raise ValueError("predicted_rel_out with one tensor-wide scale needs w (for the row count)")
+        noise = float(s2.reshape(())) * float(d64.sum()) * w.shape[0]
+    elif s2.shape[-1] == 1:
+        noise = float(s2.sum()) * float(d64.sum())
+    else:
+        noise = float((s2 @ d64).sum())
+    noise /= 12.0
+    if signal <= 0:
+        return 0.0 if noise <= 0 else math.inf
+    return math.sqrt(noise / signal)
+
+
+# ---------------------------------------------------------------------------------------------
+# The column loop and the driver shared by GPTQ (``gptq.py``) and LDLQ (``ldlq.py``).
+
+#: Columns per inner sub-block: rank-1 updates touch only the sub-block, then one GEMM updates the
+#: rest of the outer block. Same arithmetic as the one-level loop, ~8× less memory traffic per
+#: column (the one-level loop streams N × block_size floats per column).
+INNER_BLOCK = 16
+
+
+def feedback_columns(wt: torch.Tensor, s32: torch.Tensor, coef: torch.Tensor, *, block_size: int,
+                     inner: int = INNER_BLOCK, divide: torch.Tensor | None = None,
+                     targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Round the rows of ``wt`` ([K, N]: column ``k`` of the weight is row ``k``) left to right.
+
+    Row ``i`` is rounded to ``q_i = clamp(round(wt_i / s_i), ±127)`` (float32 division, as
+    :func:`~cq.kernels.quantize_int8` does), then every later row gets ``wt_j -= coef[i, j] · err_i``
+    (only the strict upper triangle of ``coef`` is read), where ``err_i`` is
+
+    * GPTQ: ``(wt_i − ŵ_i) / divide_i`` with ``coef = Hinv = U``, ``divide = diag(U)``;
+    * LDLQ: ``targets_i − ŵ_i`` (the true error) with ``coef = −Mᵀ``.
+
+    Updates are lazy: rank-1 inside sub-blocks of ``inner`` rows, one GEMM per sub-block for the
+    rest of the ``block_size`` block, one GEMM per block for all later rows. ``wt`` is updated in
+    place (pass a private copy); ``s32`` is ``[1, N]`` (one scale per weight row) or ``[K, N]``.
+    Returns the int8 codes ``[K, N]``.
+    """
+    k, n = wt.shape
+    dtype = wt.dtype
+    codes = torch.empty((k, n), dtype=torch.int8, device=wt.device)
+    per_column = s32.shape[0] > 1
+    sw = s32.to(dtype)
+    err = torch.empty((min(block_size, k), n), dtype=dtype, device=wt.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        for j1 in range(i1, i2, inner):
+            j2 = min(j1 + inner, i2)
+            for i in range(j1, j2):
+                row = i if per_column else 0
+                w = wt[i]
+                q = torch.round(w.to(torch.float32) / s32[row]).clamp_(-127, 127)
+                codes[i] = q.to(torch.int8)
+                w_hat = q.to(dtype).mul_(sw[row])
+                e = err[i - i1]
+                if targets is not None:
+                    torch.sub(targets[i], w_hat, out=e)
+                else:
+                    torch.sub(w, w_hat, out=e)
+                    e.div_(divide[i])
+                if i + 1 < j2:
+                    wt[i + 1:j2].addr_(coef[i, i + 1:j2], e, alpha=-1)
+            if j2 < i2:
+                wt[j2:i2].addmm_(coef[j1:j2, j2:i2].t(), err[j1 - i1:j2 - i1], alpha=-1)
+        if i2 < k:
+            wt[i2:].addmm_(coef[i1:i2, i2:].t(), err[:i2 - i1], alpha=-1)
+    return codes
+
+
+def feedback_round(state: LayerState, cfg, *, stage: str, solve) -> LayerState:
+    """Shared body of :func:`~cq.transforms.gptq.gptq_update` and :func:`~cq.transforms.ldlq.ldlq`.
+
+    ``cfg`` carries ``damping, actorder, block_size, lazy_batch, precision, never_worse_than_rtn,
+    metrics, backend``. ``solve(wt, s32, lower_rev, block_size, inner)`` rounds the permuted,
+    transposed weight given the Cholesky factor of the reversed damped Hessian and returns codes
+    ``[K, N]``. Handles H = None (identity: exactly RTN), non-finite H and failed factorizations
+    (RTN with a warning note), act-order, dead columns and the metrics.
+    """
+    _need_scale(state, stage)
+    name = state.name
+    n, k = state.shape
+    weight = state.weight
+    s_exp = expand_scale(state.scale, state.granularity, (n, k)).to(torch.float32)
+    rtn = quantize_int8(weight, s_exp, backend=cfg.backend)
+    fmt = int8_format(state.granularity)
+    h = state.hessian
+    grouped = not isinstance(state.granularity, (PerTensor, PerRow))
+    notes: list[str] = []
+    metrics = dict(state.meta.get("metrics", {}))
+
+    def finish(codes, extra_metrics):
+        metrics.update(extra_metrics)
+        all_notes = tuple(state.meta.get("notes", ())) + tuple(notes)
+        return record(state, stage, cfg, meta={"metrics": metrics, "notes": all_notes}, codes=codes, format=fmt)
+
+    def rtn_metrics(hh):
+        if not cfg.metrics:
+            return {}
+        sig, loss = quadratic_forms([weight, weight - rtn.to(torch.float32) * s_exp], hh)
+        rel = math.sqrt(loss / sig) if sig > 0 else 0.0
+        diag = torch.ones(k, dtype=torch.float64) if hh is None else hh.diagonal()
+        pred = predicted_rel_out(state.scale if not grouped else s_exp, diag, weight, signal=sig)
+        return {"rel_out_h": rel, "rel_out_rtn_h": rel, "predicted_rel_out_rtn": pred}
+
+    if h is None:
+        notes.append(f"no calibration: H = I, {stage} equals round-to-nearest")
+        m = rtn_metrics(None)
+        if m:
+            m["predicted_rel_out"] = m["predicted_rel_out_rtn"]
+        return finish(rtn, m)
+    why = hessian_problem(h, k, name=name)
+    if why:
+        notes.append(f"warning: {why}; rounded to nearest instead of {stage}")
+        return finish(rtn, {})
+    dtype = working_dtype(cfg.precision, k, n)
+    prep = prepare_hessian(h, weight, cfg.damping, name=name, dtype=dtype)
+    notes.extend(prep.notes)
+    perm = actorder_permutation(h) if cfg.actorder else None
+    if perm is None:
+        h_rev = prep.hessian.flip(0, 1)
+    else:  # J·P·H·Pᵀ·J in one gather: the reversed permutation
+        rev = perm.flip(0)
+        h_rev = prep.hessian.index_select(0, rev).index_select(1, rev)
+    chol = robust_cholesky(h_rev, cfg.damping, damp=prep.damp, base=prep.base)
+    del h_rev
+    notes.extend(chol.notes)
+    if not chol.ok:
+        notes.append(f"warning: {stage} fell back to round-to-nearest (the Hessian could not be factored)")
+        return finish(rtn, {**rtn_metrics(h), "damp": chol.damp / prep.base})
+    wt = prep.weight.to(dtype).t()
+    if grouped:
+        s32 = s_exp.t()
+    else:
+        s32 = state.scale.to(torch.float32).reshape(-1).expand(n).reshape(1, n)
+    if perm is not None:
+        wt = wt[perm]
+        if grouped:
+            s32 = s32[perm]
+    wt = wt.contiguous()
+    s32 = s32.contiguous()
+    block = cfg.block_size if cfg.lazy_batch else k
+    inner = INNER_BLOCK if cfg.lazy_batch else k
+    codes_t = solve(wt, s32, chol.lower, block, inner)
+    if perm is not None:
+        unperm = torch.empty_like(codes_t)
+        unperm[perm] = codes_t
+        codes_t = unperm
+    codes = codes_t.t().contiguous()
+    extra = {"damp": chol.damp / prep.base, "cholesky_tries": chol.tries}
+    if cfg.metrics:
+        e = weight.to(torch.float32) - codes.to(torch.float32) * s_exp
+        e_rtn = weight.to(torch.float32) - rtn.to(torch.float32) * s_exp
+        sig, loss, loss_rtn = quadratic_forms([weight, e, e_rtn], h)
+        d = (chol.lower.diagonal().to(torch.float64) ** 2).flip(0)
+        dead_p = prep.dead if perm is None else prep.dead[perm]
+        d = torch.where(dead_p.to(d.device), torch.zeros_like(d), d)
+        scale_p = state.scale if not grouped else (s_exp if perm is None else s_exp[:, perm])
+        rel = math.sqrt(max(loss, 0.0) / sig) if sig > 0 else 0.0
+        rel_rtn = math.sqrt(max(loss_rtn, 0.0) / sig) if sig > 0 else 0.0
+        extra.update({
+            "rel_out_h": rel,
+            "rel_out_rtn_h": rel_rtn,
+            "predicted_rel_out": predicted_rel_out(scale_p, d, weight, signal=sig),
+            "predicted_rel_out_rtn": predicted_rel_out(state.scale if not grouped else s_exp, h.diagonal(),
+                                                       weight, signal=sig),
+        })
+        if cfg.never_worse_than_rtn and loss > loss_rtn:
+            notes.append(f"{stage} did not beat round-to-nearest on this Hessian "
+                         f"({rel:.4g} vs {rel_rtn:.4g}); kept round-to-nearest")
+            codes = rtn
+            extra["rel_out_h"] = rel_rtn
+    return finish(codes, extra)

@@ -1,0 +1,104 @@
+"""Tests for the cq command line (cq.cli): flags, automatic output name, exit codes, bad input."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from cq.cli import main
+from tests.model_fixture import file_digest, make_model_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(capsys, *argv):
+    rc = main(list(argv) + ["--no-progress"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_default_run_prints_table_and_writes_file(model_file, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    rc, stdout, err = _run(capsys, "-i", str(model_file), "-o", str(out), "--report-json", str(tmp_path / "r.json"))
+    assert rc == 0, err
+    assert out.exists() and "int8_tensorwise" in stdout and "layers quantized" in stdout
+    assert (tmp_path / "r.json").read_text().startswith("{")
+
+
+def test_automatic_output_name_follows_the_reference(model_file, capsys):
+    rc, stdout, err = _run(capsys, "-i", str(model_file), "--simple", "--wan")
+    assert rc == 0, err
+    assert (model_file.parent / "model_simple_int8mixed_bs128.safetensors").exists()
+
+
+def test_presets_and_dash_underscore_twins(model_file, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    rc, stdout, err = _run(capsys, "-i", str(model_file), "-o", str(out), "--scaling-mode", "tensor",
+                           "--exclude_layers", "adaLN", "--save-quant-metadata")
+    assert rc == 0, err
+    assert "adaLN_modulation" not in stdout
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    good = tmp_path / "good.safetensors"
+    save_file(make_model_tensors(), str(good))
+    data = good.read_bytes()
+    cases = {}
+    cases["missing"] = tmp_path / "does_not_exist.safetensors"
+    (p := tmp_path / "garbage.safetensors").write_bytes(os.urandom(4096))
+    cases["not safetensors"] = p
+    (p := tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = p
+    (p := tmp_path / "absurd.safetensors").write_bytes(struct.pack("<Q", 2**60) + data[8:])
+    cases["absurd header"] = p
+    t = make_model_tensors()
+    t["blocks.0.attn.proj.weight"][0, 0] = float("inf")
+    save_file(t, str(p := tmp_path / "inf.safetensors"))
+    cases["inf weight"] = p
+    return cases
+
+
+@pytest.mark.parametrize("case", ["missing", "not safetensors", "truncated", "absurd header", "inf weight"])
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, capsys, case):
+    src = _bad_inputs(tmp_path)[case]
+    before = file_digest(src) if src.exists() else None
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out.safetensors"
+    rc, stdout, err = _run(capsys, "-i", str(src), "-o", str(out))
+    assert rc != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cq: error:"), err
+    assert "Traceback" not in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == listing  # no temp files left
+    if before is not None:
+        assert file_digest(src) == before
+    if case == "inf weight":
+        assert "blocks.0.attn.proj" in err
+
+
+def test_output_equal_to_input_refused(model_file, capsys):
+    before = file_digest(model_file)
+    rc, _, err = _run(capsys, "-i", str(model_file), "-o", str(model_file))
+    assert rc != 0 and err.startswith("cq: error:") and file_digest(model_file) == before
+
+
+def test_not_implemented_flag_is_one_line(model_file, tmp_path, capsys):
+    rc, _, err = _run(capsys, "-i", str(model_file), "-o", str(tmp_path / "o.safetensors"), "--smoothquant")
+    assert rc != 0 and "SmoothQuant" in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_dash_m_entry_point(model_file, tmp_path):
+    out = tmp_path / "o.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "cq", "-i", str(model_file), "-o", str(out), "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists() and "wrote" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "cq", "-i", str(tmp_path / "nope.safetensors")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
