@@ -66,7 +66,7 @@ def textbook_gptq(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, percdam
         q = torch.round(col / s).clamp_(-127, 127)
         codes[:, i] = q.to(torch.int8)
         err = (col - q * s) / u[i, i]
-        w[:, i + 1:].sub_(torch.outer(err, u[i, i + 1:]))
+        w[:, i + 1:].addr_(err, u[i, i + 1:], alpha=-1)
     return codes
 
 

@@ -54,11 +54,13 @@ def synthetic_outlier_layer(n=512, k=1024, t=4096, seed=0):
 
 @pytest.fixture(scope="module")
 def outlier_layer():
-    return synthetic_outlier_layer()
+    # 256×512 keeps the module fast; the margins hold at 512×1024 too (benchmarks/bench_quip.py).
+    return synthetic_outlier_layer(n=256, k=512, t=2048)
 
 
 @pytest.fixture(scope="module")
 def results(outlier_layer):
+    """Every method on the outlier layer (~7 s on 2 cores: the tests using it are marked slow)."""
     w, x, h = outlier_layer
     s = LayerState.from_weight("blk.fc", w, hessian=h)
     out = {
@@ -80,37 +82,41 @@ def _db(ratio: float) -> float:
 # --- proof (issue 4 item 5) -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_convrot_rtn_beats_per_row_rtn_by_5_db_in_w8a8_output_error(outlier_layer, results):
     _, x, _ = outlier_layer
-    xt = x[:2048]
+    xt = x[:1024]
     e_rtn = w8a8_output_error(results["rtn"], xt)
     e_rot = w8a8_output_error(results["convrot_rtn"], xt)
-    assert _db(e_rtn / e_rot) >= 5.0, (e_rtn, e_rot)  # measured ≈ 0.057 vs 0.011: 14 dB
+    assert _db(e_rtn / e_rot) >= 5.0, (e_rtn, e_rot)  # measured 0.0476 vs 0.0092: 14 dB
 
 
+@pytest.mark.slow
 def test_convrot_ldlq_beats_gptq_alone_with_the_real_hessian(outlier_layer, results):
     w, x, h = outlier_layer
     rel = {k: rel_output_error(w, reconstruct(results[k]), hessian=h) for k in ("gptq", "gptq_act", "quip")}
     assert rel["quip"] < rel["gptq_act"] < rel["gptq"], rel
-    assert _db(rel["gptq"] / rel["quip"]) > 10  # measured ≈ 0.0124 vs 0.0023
-    xt = x[:2048]
+    assert _db(rel["gptq"] / rel["quip"]) > 6  # measured 0.0085 vs 0.0014: 16 dB
+    xt = x[:1024]
     assert w8a8_output_error(results["quip"], xt) < w8a8_output_error(results["convrot_rtn"], xt)
     assert w8a8_output_error(results["quip"], xt) < w8a8_output_error(results["gptq_act"], xt)
 
 
+@pytest.mark.slow
 def test_default_output_is_comfyui_native_convrot(results):
     s = results["quip"]
     assert s.format == "int8_tensorwise" and isinstance(s.granularity, PerRow)
-    assert s.rotation == ConvRot(256) and tuple(s.scale.shape) == (512, 1)
+    assert s.rotation == ConvRot(256) and tuple(s.scale.shape) == (256, 1)
     assert s.codes.dtype == torch.int8 and int(s.codes.abs().max()) <= 127
     assert "incoherence" not in s.meta
 
 
+@pytest.mark.slow
 def test_requant_output_loses_the_gain(outlier_layer, results):
     w, _, h = outlier_layer
     rel = {k: rel_output_error(w, reconstruct(results[k]), hessian=h) for k in ("rtn", "requant", "quip")}
     # Re-quantizing Ŵ in the original basis adds a fresh RTN error: back to RTN quality (measured
-    # 0.0226 vs 0.0226), ~20 dB worse than keeping the rotated codes.
+    # 0.01646 vs 0.01652), ~20 dB worse than keeping the rotated codes.
     assert rel["requant"] == pytest.approx(rel["rtn"], rel=0.1)
     assert rel["requant"] > 5 * rel["quip"]
     s = results["requant"]
@@ -120,6 +126,7 @@ def test_requant_output_loses_the_gain(outlier_layer, results):
     assert s.rotation is None and "incoherence" not in s.meta and s.format == "int8_tensorwise"
 
 
+@pytest.mark.slow
 def test_transformed_output_keeps_the_gain_and_reconstructs(outlier_layer, results):
     w, _, h = outlier_layer
     s = results["transformed"]
@@ -196,10 +203,10 @@ def test_checkpointed_ldlq_gives_the_same_codes_with_row_segments(outlier_layer)
     w, _, h = outlier_layer
     s = LayerState.from_weight("fc", w[:96], hessian=h)
     a = quip_pipeline()(s)
-    b = quip_pipeline(QuIPConfig(checkpointed=True, checkpoint_threshold=1024, checkpoint_segments=3))(s)
+    b = quip_pipeline(QuIPConfig(checkpointed=True, checkpoint_threshold=512, checkpoint_segments=3))(s)
     assert torch.equal(a.codes, b.codes)
     assert "LDLQ over 3 row segments (checkpointed, exact)" in b.notes
-    c = quip_pipeline(QuIPConfig(checkpointed=True, checkpoint_threshold=2048))(s)  # K below threshold
+    c = quip_pipeline(QuIPConfig(checkpointed=True, checkpoint_threshold=1024))(s)  # K below threshold
     assert not any("segments" in n for n in c.notes)
 
 

@@ -14,7 +14,7 @@ from ..kernels import Backend, int8_linear
 from ..state import LayerState, PerRow, PerTensor, record
 from .rounding import reconstruct, working_dequantized
 
-__all__ = ["mse", "sqnr_db", "max_error", "rel_output_error", "w8a8_output_error", "MetricsConfig", "measure",
+__all__ = ["weight_metrics", "mse", "sqnr_db", "max_error", "rel_output_error", "w8a8_output_error", "MetricsConfig", "measure",
            "db"]
 
 
@@ -45,6 +45,23 @@ def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def weight_metrics(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
+    """``mse``, ``sqnr_db`` and ``max_error`` from one float64 pass (what :func:`measure` records)."""
+    if not w.numel():
+        return {"mse": 0.0, "sqnr_db": math.inf, "max_error": 0.0}
+    w64 = _f64(w)
+    e = w64 - _f64(w_hat)
+    noise = float(torch.dot(e.reshape(-1), e.reshape(-1)))
+    signal = float(torch.dot(w64.reshape(-1), w64.reshape(-1)))
+    if noise == 0.0:
+        sq = math.inf
+    elif signal == 0.0:
+        sq = -math.inf
+    else:
+        sq = 10.0 * math.log10(signal / noise)
+    return {"mse": noise / w.numel(), "sqnr_db": sq, "max_error": float(e.abs().max())}
 
 
 def db(rel: float) -> float:
@@ -115,7 +132,7 @@ def measure(state: LayerState, *, cfg: MetricsConfig = MetricsConfig()) -> Layer
     """
     original = state.original if state.original is not None else state.weight
     w_hat = reconstruct(state)
-    m = {"mse": mse(original, w_hat), "sqnr_db": sqnr_db(original, w_hat), "max_error": max_error(original, w_hat)}
+    m = weight_metrics(original, w_hat)
     if state.hessian is not None and state.codes is not None:
         m["rel_out_h"] = rel_output_error(state.weight, working_dequantized(state), hessian=state.hessian)
     if cfg.x is not None:
