@@ -81,7 +81,10 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=4096, help="N = K of the layer (default 4096)")
     ap.add_argument("--tokens", type=int, default=8192, help="calibration tokens T (default 8192)")
     ap.add_argument("--skip-textbook", action="store_true", help="skip the (slow) textbook baseline")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every row (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n = k = args.size
     t0 = time.perf_counter()
     w, h = make_problem(n, k, args.tokens)

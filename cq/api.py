@@ -9,6 +9,7 @@ silently ignored.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Dict, List, Optional
 
 import attrs
@@ -183,11 +184,17 @@ def _optimizer_configs(optimizer: str, kw: dict, block_size: int) -> dict:
         raise ConfigError(f"{quip_keys} only apply to optimizer='quip' (got optimizer={optimizer!r})")
     out: dict[str, Any] = {}
     if optimizer == "gptq":
-        from .transforms.gptq import gptq_config_from_legacy
+        from .kernels import Backend
+        from .transforms.gptq import GPTQConfig
 
-        out["gptq"] = gptq_config_from_legacy(
-            block_size=block_size, actorder=kw.get("gptq_actorder", False), fast=kw.get("gptq_fast", True),
-            turbo=kw.get("gptq_turbo", False))
+        if kw.get("gptq_turbo"):
+            # The turbo flag asks for a Triton GPTQ kernel; cq's GPTQ runs its column loop in torch
+            # (the rounding inside it goes through the kernel registry), so say so instead of pretending.
+            warnings.warn("gptq_turbo: cq has no Triton GPTQ kernel; running the torch reference implementation",
+                          UserWarning, stacklevel=3)
+        out["gptq"] = GPTQConfig(block_size=block_size, actorder=bool(kw.get("gptq_actorder", False)),
+                                 lazy_batch=bool(kw.get("gptq_fast", True)),
+                                 backend=Backend(kw.get("backend", "auto")))
     elif optimizer == "quip":
         from .transforms.quip import quip_config_from_legacy
 

@@ -9,7 +9,8 @@ import torch
 from cq.converters.gptq import GPTQInt8Converter, gptq_pipeline
 from cq.errors import ConfigError, CqError, InputError
 from cq.state import LayerState, PerBlock, PerGroup, PerRow, PerTensor
-from cq.transforms import ScaleConfig, absmax_scale, rel_output_error, round_to_nearest, working_dequantized
+from cq.transforms import ScaleConfig, absmax_scale, rel_output_error, round_to_nearest
+from cq.transforms.rounding import working_dequantized
 from cq.transforms.gptq import GPTQConfig, gptq_update
 from cq.transforms.hessian import DampingConfig
 

@@ -60,7 +60,7 @@ def outlier_layer():
 
 @pytest.fixture(scope="module")
 def results(outlier_layer):
-    """Every method on the outlier layer (~7 s on 2 cores: the tests using it are marked slow)."""
+    """Every method on the outlier layer (< 1 s on 2 idle cores)."""
     w, x, h = outlier_layer
     s = LayerState.from_weight("blk.fc", w, hessian=h)
     out = {
@@ -82,7 +82,6 @@ def _db(ratio: float) -> float:
 # --- proof (issue 4 item 5) -------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_convrot_rtn_beats_per_row_rtn_by_5_db_in_w8a8_output_error(outlier_layer, results):
     _, x, _ = outlier_layer
     xt = x[:1024]
@@ -91,7 +90,6 @@ def test_convrot_rtn_beats_per_row_rtn_by_5_db_in_w8a8_output_error(outlier_laye
     assert _db(e_rtn / e_rot) >= 5.0, (e_rtn, e_rot)  # measured 0.0476 vs 0.0092: 14 dB
 
 
-@pytest.mark.slow
 def test_convrot_ldlq_beats_gptq_alone_with_the_real_hessian(outlier_layer, results):
     w, x, h = outlier_layer
     rel = {k: rel_output_error(w, reconstruct(results[k]), hessian=h) for k in ("gptq", "gptq_act", "quip")}
@@ -102,7 +100,6 @@ def test_convrot_ldlq_beats_gptq_alone_with_the_real_hessian(outlier_layer, resu
     assert w8a8_output_error(results["quip"], xt) < w8a8_output_error(results["gptq_act"], xt)
 
 
-@pytest.mark.slow
 def test_default_output_is_comfyui_native_convrot(results):
     s = results["quip"]
     assert s.format == "int8_tensorwise" and isinstance(s.granularity, PerRow)
@@ -111,7 +108,6 @@ def test_default_output_is_comfyui_native_convrot(results):
     assert "incoherence" not in s.meta
 
 
-@pytest.mark.slow
 def test_requant_output_loses_the_gain(outlier_layer, results):
     w, _, h = outlier_layer
     rel = {k: rel_output_error(w, reconstruct(results[k]), hessian=h) for k in ("rtn", "requant", "quip")}
@@ -126,7 +122,6 @@ def test_requant_output_loses_the_gain(outlier_layer, results):
     assert s.rotation is None and "incoherence" not in s.meta and s.format == "int8_tensorwise"
 
 
-@pytest.mark.slow
 def test_transformed_output_keeps_the_gain_and_reconstructs(outlier_layer, results):
     w, _, h = outlier_layer
     s = results["transformed"]
@@ -404,3 +399,26 @@ def test_converter_warns_for_triton_and_missing_cuda():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         QuIPInt8Converter(device="cpu")
+
+
+# --- the legacy-argument mapping used by convert_to_int8(optimizer="quip") ---------------------
+
+
+def test_config_from_legacy_arguments():
+    from cq.transforms.quip import quip_config_from_legacy
+
+    cfg = quip_config_from_legacy(block_size=64, actorder=False, seed=5, checkpointed=True, checkpoint_segments=2)
+    assert cfg.resolved_output == "convrot" and cfg.block_size == 64 and not cfg.actorder
+    assert cfg.effective_seed == 5 and cfg.checkpointed and cfg.checkpoint_segments == 2
+    assert quip_config_from_legacy(store_transformed=True).resolved_output == "transformed"
+    cfg = quip_config_from_legacy(requant_scheme="block", requant_tensor_per_row=False, output="requant")
+    assert cfg.requant_granularity() == PerGroup(128)
+    with pytest.warns(UserWarning, match="quip_requant_scheme='block'"):
+        cfg = quip_config_from_legacy(requant_scheme="block")
+    assert cfg.resolved_output == "requant" and cfg.requant_granularity() == PerGroup(128)
+    with pytest.warns(UserWarning, match="quip_requant_tensor_per_row=False"):
+        assert quip_config_from_legacy(requant_tensor_per_row=False).requant_granularity() == PerTensor()
+    with pytest.warns(UserWarning, match="keeps none of QuIP's gain"):
+        cfg = quip_config_from_legacy(hadamard=False)
+    assert cfg.resolved_output == "requant" and not cfg.use_hadamard
+    assert quip_config_from_legacy(hadamard=False, store_transformed=True).resolved_output == "transformed"

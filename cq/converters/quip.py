@@ -41,7 +41,9 @@ class QuIPResult(NamedTuple):
     ``None`` (SmoothQuant is not implemented yet); ``s_u`` / ``s_v``: float32 ±1 ``[N]`` / ``[K]``
     sign vectors in transformed mode, else ``None``; ``hadamard_quip``: transformed mode with
     Hadamard incoherence; ``hadamard_size_out`` / ``hadamard_size_in``: N and K in transformed mode
-    (no padding), else 0.
+    (no padding), else 0. For sizes that are not powers of two the signs alone do not describe
+    the transform (Paley or random Kronecker factors): write the layer with
+    ``quip_extra_tensors(attrs.evolve(converter.last_state, name=layer))``.
     """
 
     q: torch.Tensor
@@ -72,7 +74,7 @@ class QuIPInt8Converter:
     implementation runs (the reference only used Triton with one tensor-wide scale, i.e. never).
     ``streaming_mode``, ``streaming_thresholds`` and ``no_memory_limits`` are validated and
     otherwise have no effect: cq's memory policy belongs to the model-level runner, and
-    ``use_checkpointed_ldlq`` is the exact bounded-memory option. Reference-only parameters:
+    ``use_checkpointed_ldlq`` is the exact smaller-memory option. Reference-only parameters:
     ``percdamp``, ``use_diagonal_rescaling`` (→ ``rescale``) and ``use_random_permutation``
     (→ ``permute``) are honoured; ``use_learned_rounding=True``, ``ldlq_iterations != 1``,
     ``use_greedy_coordinate_descent=True`` and ``frobenius_rho != 1`` raise ``NotImplementedError``;

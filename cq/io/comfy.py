@@ -37,7 +37,10 @@ __all__ = [
 NATIVE_FORMATS = frozenset({"int8_tensorwise", "float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8",
                             "convrot_w4a4"})
 #: int8 format labels cq can write; only ``int8_tensorwise`` is native.
-INT8_FORMATS = frozenset({"int8_tensorwise", "int8_blockwise", "int8_axiswise"})
+INT8_FORMATS = frozenset({"int8_tensorwise", "int8_blockwise", "int8_axiswise", "int8_quip_transformed"})
+#: cq's label for QuIP layers stored in the two-sided transformed basis (``quip_store_transformed``):
+#: deliberately unknown to ComfyUI so that a loader without cq.quip_file fails loudly.
+QUIP_TRANSFORMED = "int8_quip_transformed"
 #: The safetensors ``__metadata__`` key ComfyUI reads per-layer quant configs from.
 QUANT_METADATA_KEY = "_quantization_metadata"
 
@@ -53,6 +56,10 @@ def _format_label(state: LayerState, legacy_axiswise: bool) -> str:
                       f"{sorted(INT8_FORMATS)} and 'fp16' (run round_to_nearest or fp16_cast first)")
     gran = state.granularity
     expected = "int8_blockwise" if isinstance(gran, (PerBlock, PerGroup)) else "int8_tensorwise"
+    if fmt == QUIP_TRANSFORMED:
+        if not isinstance(gran, (PerRow, PerTensor)):
+            raise CqError(f"{state.name}: format {fmt!r} needs per-row or tensor scales, got {gran!r}")
+        return fmt
     if fmt == "int8_axiswise":
         if not isinstance(gran, PerRow):
             raise CqError(f"{state.name}: format 'int8_axiswise' needs PerRow() scales, got {gran!r}")
@@ -177,6 +184,10 @@ def layer_tensors(state: LayerState, *, comfy: bool = True, legacy_axiswise: boo
             # A rotated weight without its flag would be multiplied by un-rotated activations.
             raise CqError(f"{name}: the legacy non-comfy format cannot store {unstorable}; write with comfy=True")
         out[f"{name}.weight"] = codes
+        if entry["format"] == QUIP_TRANSFORMED:
+            from ..transforms.quip import quip_extra_tensors
+
+            out.update(quip_extra_tensors(state))
         if comfy:
             out[f"{name}.weight_scale"] = scale
             out[f"{name}.comfy_quant"] = encode_comfy_quant(entry)

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError, CqError
 from ..state import LayerState, record
-from .hadamard import kron_apply, regular_hadamard, regular_hadamard_factors
+from .hadamard import hessian_dtype, kron_apply, regular_hadamard, regular_hadamard_factors
 
 __all__ = ["ConvRot", "ConvRotConfig", "convrot", "convrot_groupsizes", "rotate_hessian"]
 
@@ -125,11 +125,13 @@ class ConvRotConfig:
 
 
 def rotate_hessian(hessian: torch.Tensor, rotation) -> torch.Tensor:
-    """``Rᵀ H R`` in float64, symmetrized, returned in ``hessian``'s dtype (``rotation``: any InputRotation).
+    """``Rᵀ H R``, symmetrized, returned in ``hessian``'s dtype (``rotation``: any InputRotation).
+
+    Computed in float64 up to K = 4096 and in float32 above (:func:`~cq.transforms.hadamard.hessian_dtype`).
 
     With ``W' = W R`` this keeps the proxy loss invariant: ``tr(W' H' W'ᵀ) = tr(W H Wᵀ)``.
     """
-    h = hessian.to(torch.float64)
+    h = hessian.to(hessian_dtype(hessian.shape[-1]))
     hr = rotation.rotate(h)  # H·R (rows of H times R)
     out = rotation.rotate(hr.t().contiguous()).t()  # (H R)ᵀ R, transposed back = Rᵀ H R
     return ((out + out.t()) * 0.5).to(hessian.dtype)

@@ -31,6 +31,14 @@ def _static(instance, attribute, value):
         )
 
 
+def _backend(value) -> Backend:
+    try:
+        return Backend(value)
+    except ValueError:
+        raise ConfigError(f"backend={value!r} must be one of {[b.value for b in Backend]}; "
+                          "use 'auto' to let cq choose") from None
+
+
 def _precision(instance, attribute, value):
     if value not in ("auto", "float32", "float64"):
         raise ConfigError(f"precision={value!r} must be 'auto', 'float32' or 'float64'")
@@ -66,7 +74,7 @@ class GPTQConfig:
     precision: str = attrs.field(default="auto", validator=_precision)
     never_worse_than_rtn: bool = True
     metrics: bool = True
-    backend: Backend = attrs.field(default=Backend.AUTO, converter=Backend)
+    backend: Backend = attrs.field(default=Backend.AUTO, converter=_backend)
 
 
 def gptq_solve(wt: torch.Tensor, s32: torch.Tensor, lower_rev: torch.Tensor, block_size: int,

@@ -37,6 +37,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "PALEY_MAX",
+    "hessian_dtype",
     "sylvester_hadamard",
     "paley_hadamard",
     "paley_orders",
@@ -58,6 +59,21 @@ PALEY_MAX = 256
 _SYLVESTER_MAX = 128
 #: Random orthogonal factors group the odd part's primes up to this size.
 _RANDOM_MAX = 256
+
+
+#: Hessians up to this size are rotated in float64; larger ones in float32 (a [16384]² float64
+#: copy is 2 GiB, and LDLQ factors anything above K = 1024 in float32 anyway).
+_HESSIAN_F64_MAX = 4096
+
+
+def hessian_dtype(k: int) -> torch.dtype:
+    """The dtype a ``[k, k]`` Hessian is rotated in: float64 up to k = 4096, float32 above.
+
+    Example:
+        >>> hessian_dtype(1024), hessian_dtype(8192)
+        (torch.float64, torch.float32)
+    """
+    return torch.float64 if k <= _HESSIAN_F64_MAX else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------

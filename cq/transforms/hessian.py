@@ -330,12 +330,22 @@ def quadratic_forms(mats: list[torch.Tensor], h: torch.Tensor | None) -> list[fl
     n_rows = sum(a.shape[0] for a in mats)
     k = h.shape[0]
     dtype = torch.float64 if n_rows * k * k <= 2 ** 31 else torch.float32
-    stacked = torch.cat([a.to(dtype) for a in mats], dim=0)
-    prod = (stacked @ h.to(dtype)).mul_(stacked)
+    stacked = torch.cat([a.detach().to(torch.float64 if dtype == torch.float64 else a.dtype) for a in mats], dim=0)
+    hh = h.detach()
+    a_unit = h_unit = 1.0
+    if dtype == torch.float32:  # normalize so that the float32 GEMM cannot overflow; undone in float64
+        a_max, h_max = float(stacked.abs().max()), float(hh.abs().max())
+        a_unit = a_max if a_max > 0 and math.isfinite(a_max) else 1.0
+        h_unit = h_max if h_max > 0 and math.isfinite(h_max) else 1.0
+        stacked = stacked.to(torch.float32) / a_unit
+        hh = hh.to(torch.float32) / h_unit
+    else:
+        hh = hh.to(torch.float64)
+    prod = (stacked @ hh).mul_(stacked)
     sums = prod.to(torch.float64).sum(dim=1) if dtype != torch.float64 else prod.sum(dim=1)
     out, start = [], 0
     for a in mats:
-        out.append(float(sums[start:start + a.shape[0]].sum()))
+        out.append(float(sums[start:start + a.shape[0]].sum()) * (a_unit * a_unit * h_unit))
         start += a.shape[0]
     return out
 
@@ -367,10 +377,18 @@ def predicted_rel_out(scale: torch.Tensor, d: torch.Tensor, w: torch.Tensor | No
         noise = float(s2.sum()) * float(d64.sum())
     else:
         noise = float((s2 @ d64).sum())
-    noise /= 12.0
-    if signal <= 0:
+    return _rel(noise / 12.0, signal)
+
+
+def _rel(noise: float, signal: float) -> float:
+    """``√(noise/signal)`` as in :func:`~cq.transforms.metrics.rel_output_error`, total for any sign.
+
+    A non-PSD "Hessian" can make both quadratic forms negative; the result is then 0 (no error
+    energy) or ``inf`` (error with no signal), never a math domain error.
+    """
+    if signal <= 0 or not math.isfinite(signal):
         return 0.0 if noise <= 0 else math.inf
-    return math.sqrt(noise / signal)
+    return math.sqrt(max(noise, 0.0) / signal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,28 +423,42 @@ def feedback_columns(wt: torch.Tensor, s32: torch.Tensor, coef: torch.Tensor, *,
     per_column = s32.shape[0] > 1
     sw = s32.to(dtype)
     err = torch.empty((min(block_size, k), n), dtype=dtype, device=wt.device)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        for j1 in range(i1, i2, inner):
-            j2 = min(j1 + inner, i2)
-            for i in range(j1, j2):
-                row = i if per_column else 0
-                w = wt[i]
-                q = torch.round(w.to(torch.float32) / s32[row]).clamp_(-127, 127)
-                codes[i] = q.to(torch.int8)
-                w_hat = q.to(dtype).mul_(sw[row])
-                e = err[i - i1]
-                if targets is not None:
-                    torch.sub(targets[i], w_hat, out=e)
-                else:
-                    torch.sub(w, w_hat, out=e)
-                    e.div_(divide[i])
-                if i + 1 < j2:
-                    wt[i + 1:j2].addr_(coef[i, i + 1:j2], e, alpha=-1)
-            if j2 < i2:
-                wt[j2:i2].addmm_(coef[j1:j2, j2:i2].t(), err[j1 - i1:j2 - i1], alpha=-1)
-        if i2 < k:
-            wt[i2:].addmm_(coef[i1:i2, i2:].t(), err[:i2 - i1], alpha=-1)
+    threads = torch.get_num_threads()
+    # The per-column work is thousands of tiny ops. Run it on one thread: on the shared 2-core
+    # machine each 2-thread parallel region waited for a descheduled worker (2048 x 4096: 0.5 s
+    # single-threaded vs 2.3-16 s with 2 threads, CPU time = wall time). Only the per-block GEMMs,
+    # which carry almost all the flops, use every thread.
+    single = wt.device.type == "cpu" and threads > 1
+    try:
+        for i1 in range(0, k, block_size):
+            i2 = min(i1 + block_size, k)
+            if single:
+                torch.set_num_threads(1)
+            for j1 in range(i1, i2, inner):
+                j2 = min(j1 + inner, i2)
+                for i in range(j1, j2):
+                    row = i if per_column else 0
+                    w = wt[i]
+                    q = torch.round(w.to(torch.float32) / s32[row]).clamp_(-127, 127)
+                    codes[i].copy_(q)
+                    w_hat = q.to(dtype).mul_(sw[row])
+                    e = err[i - i1]
+                    if targets is not None:
+                        torch.sub(targets[i], w_hat, out=e)
+                    else:
+                        torch.sub(w, w_hat, out=e)
+                        e.div_(divide[i])
+                    if i + 1 < j2:
+                        wt[i + 1:j2].addr_(coef[i, i + 1:j2], e, alpha=-1)
+                if j2 < i2:
+                    wt[j2:i2].addmm_(coef[j1:j2, j2:i2].t(), err[j1 - i1:j2 - i1], alpha=-1)
+            if single:
+                torch.set_num_threads(threads)
+            if i2 < k:
+                wt[i2:].addmm_(coef[i1:i2, i2:].t(), err[:i2 - i1], alpha=-1)
+    finally:
+        if single:
+            torch.set_num_threads(threads)
     return codes
 
 
@@ -460,8 +492,8 @@ def feedback_round(state: LayerState, cfg, *, stage: str, solve) -> LayerState:
         if not cfg.metrics:
             return {}
         sig, loss = quadratic_forms([weight, weight - rtn.to(torch.float32) * s_exp], hh)
-        rel = math.sqrt(loss / sig) if sig > 0 else 0.0
-        diag = torch.ones(k, dtype=torch.float64) if hh is None else hh.diagonal()
+        rel = _rel(loss, sig)
+        diag = torch.ones(k, dtype=torch.float64, device=weight.device) if hh is None else hh.diagonal()
         pred = predicted_rel_out(state.scale if not grouped else s_exp, diag, weight, signal=sig)
         return {"rel_out_h": rel, "rel_out_rtn_h": rel, "predicted_rel_out_rtn": pred}
 
@@ -484,12 +516,16 @@ def feedback_round(state: LayerState, cfg, *, stage: str, solve) -> LayerState:
     else:  # J·P·H·Pᵀ·J in one gather: the reversed permutation
         rev = perm.flip(0)
         h_rev = prep.hessian.index_select(0, rev).index_select(1, rev)
-    chol = robust_cholesky(h_rev, cfg.damping, damp=prep.damp, base=prep.base)
+    # Bring the mean diagonal near 1 by a power of two: exact (codes are bit-identical for any
+    # 2^j·H) and it keeps Hinv's entries and the scaled errors away from float32 over/underflow.
+    unit = 2.0 ** -round(math.log2(prep.base))
+    h_rev.mul_(unit)
+    chol = robust_cholesky(h_rev, cfg.damping, damp=prep.damp * unit, base=prep.base * unit)
     del h_rev
     notes.extend(chol.notes)
     if not chol.ok:
         notes.append(f"warning: {stage} fell back to round-to-nearest (the Hessian could not be factored)")
-        return finish(rtn, {**rtn_metrics(h), "damp": chol.damp / prep.base})
+        return finish(rtn, {**rtn_metrics(h), "damp": chol.damp / (prep.base * unit)})
     wt = prep.weight.to(dtype).t()
     if grouped:
         s32 = s_exp.t()
@@ -509,17 +545,16 @@ def feedback_round(state: LayerState, cfg, *, stage: str, solve) -> LayerState:
         unperm[perm] = codes_t
         codes_t = unperm
     codes = codes_t.t().contiguous()
-    extra = {"damp": chol.damp / prep.base, "cholesky_tries": chol.tries}
+    extra = {"damp": chol.damp / (prep.base * unit), "cholesky_tries": chol.tries}
     if cfg.metrics:
         e = weight.to(torch.float32) - codes.to(torch.float32) * s_exp
         e_rtn = weight.to(torch.float32) - rtn.to(torch.float32) * s_exp
         sig, loss, loss_rtn = quadratic_forms([weight, e, e_rtn], h)
-        d = (chol.lower.diagonal().to(torch.float64) ** 2).flip(0)
+        d = (chol.lower.diagonal().to(torch.float64) ** 2).flip(0) / unit
         dead_p = prep.dead if perm is None else prep.dead[perm]
         d = torch.where(dead_p.to(d.device), torch.zeros_like(d), d)
         scale_p = state.scale if not grouped else (s_exp if perm is None else s_exp[:, perm])
-        rel = math.sqrt(max(loss, 0.0) / sig) if sig > 0 else 0.0
-        rel_rtn = math.sqrt(max(loss_rtn, 0.0) / sig) if sig > 0 else 0.0
+        rel, rel_rtn = _rel(loss, sig), _rel(loss_rtn, sig)
         extra.update({
             "rel_out_h": rel,
             "rel_out_rtn_h": rel_rtn,

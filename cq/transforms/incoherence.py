@@ -28,7 +28,7 @@ import torch
 
 from ..errors import ConfigError, CqError
 from ..state import LayerState, record
-from .hadamard import KroneckerOrthogonal, orthogonal_transform
+from .hadamard import KroneckerOrthogonal, hessian_dtype, orthogonal_transform
 from .rounding import working_dequantized
 
 __all__ = ["IncoherenceConfig", "Incoherence", "make_incoherence", "incoherence", "undo_incoherence",
@@ -130,10 +130,10 @@ class Incoherence:
         return x.contiguous()
 
     def forward_hessian(self, h: torch.Tensor) -> torch.Tensor:
-        """``H' = (V · diag(1/d) H diag(1/d) · Vᵀ)[π][:, π]``, computed in float64, in ``h``'s dtype."""
-        x = h.to(torch.float64)
+        """``H' = (V · diag(1/d) H diag(1/d) · Vᵀ)[π][:, π]`` in ``h``'s dtype (float64 math up to K = 4096)."""
+        x = h.to(hessian_dtype(h.shape[-1]))
         if self.d is not None:
-            inv = 1.0 / self.d
+            inv = (1.0 / self.d).to(x.dtype)
             x = x * inv.reshape(1, -1) * inv.reshape(-1, 1)
         x = self.v.apply(self.v.apply(x).t()).t()  # M_vᵀ · H · M_v
         x = (x + x.t()) * 0.5
@@ -143,14 +143,15 @@ class Incoherence:
 
     def inverse_hessian(self, h: torch.Tensor) -> torch.Tensor:
         """The exact inverse of :meth:`forward_hessian`."""
-        x = h.to(torch.float64)
+        x = h.to(hessian_dtype(h.shape[-1]))
         if self.perm is not None:
             inv_p = torch.argsort(self.perm)
             x = x[inv_p][:, inv_p]
         x = self.v.apply_t(self.v.apply_t(x).t()).t()  # M_v · H' · M_vᵀ
         x = (x + x.t()) * 0.5
         if self.d is not None:
-            x = x * self.d.reshape(1, -1) * self.d.reshape(-1, 1)
+            d = self.d.to(x.dtype)
+            x = x * d.reshape(1, -1) * d.reshape(-1, 1)
         return x.to(h.dtype).contiguous()
 
 

@@ -100,6 +100,9 @@ def w8a8_output_error(state: LayerState, x: torch.Tensor, *, backend: Backend | 
     """
     if state.codes is None or not isinstance(state.granularity, (PerTensor, PerRow)):
         raise ValueError(f"{state.name}: W8A8 error needs int8 codes with tensor or row scales")
+    if "incoherence" in state.meta:
+        raise ValueError(f"{state.name}: a two-sided QuIP layer has no ComfyUI W8A8 forward (its output side is "
+                         "rotated too); measure it with rel_output_error on reconstruct(state)")
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
     xr = state.rotation.rotate(x2) if state.rotation is not None else x2
     y = int8_linear(xr, state.codes, state.scale, None, backend=backend)
@@ -137,7 +140,8 @@ def measure(state: LayerState, *, cfg: MetricsConfig = MetricsConfig()) -> Layer
         m["rel_out_h"] = rel_output_error(state.weight, working_dequantized(state), hessian=state.hessian)
     if cfg.x is not None:
         m["rel_out_x"] = rel_output_error(original, w_hat, x=cfg.x)
-        if state.codes is not None and isinstance(state.granularity, (PerTensor, PerRow)):
+        if (state.codes is not None and isinstance(state.granularity, (PerTensor, PerRow))
+                and "incoherence" not in state.meta):
             m["w8a8"] = w8a8_output_error(state, cfg.x, backend=cfg.backend)
     metrics = dict(state.meta.get("metrics", {}))
     metrics.update(m)

@@ -27,6 +27,7 @@ metrics and the stored column order never changes.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import attrs
@@ -43,8 +44,8 @@ from .ldlq import LDLQConfig, ldlq, ldlq_solve
 from .rounding import round_to_nearest, working_dequantized
 from .scales import ScaleConfig, absmax_scale
 
-__all__ = ["QuIPConfig", "quip_pipeline", "quip_ldlq", "store_transformed", "requant_metrics",
-           "quip_extra_tensors", "QUIP_TRANSFORMED_FORMAT", "KIND_CODES"]
+__all__ = ["QuIPConfig", "QuIPLDLQConfig", "quip_config_from_legacy", "quip_pipeline", "quip_ldlq",
+           "store_transformed", "requant_metrics", "quip_extra_tensors", "QUIP_TRANSFORMED_FORMAT", "KIND_CODES"]
 
 #: Format label of a layer stored in the two-sided transformed basis (needs a custom loader).
 QUIP_TRANSFORMED_FORMAT = "int8_quip_transformed"
@@ -101,8 +102,8 @@ class QuIPConfig:
     ``requant_per_row``: the re-quantization scales of ``output="requant"`` (``"tensor"`` with
     per-row ``[N, 1]`` or one scale; ``"block"``: 1×``block_size`` groups, falling back to per-row
     when K is not a multiple). ``checkpointed`` (+ ``checkpoint_threshold``, ``checkpoint_segments``):
-    for K ≥ threshold, run LDLQ over row segments sharing one factorization — bounded working memory,
-    and the same codes (rows are independent in LDLQ). ``block_size``: LDLQ's lazy block and the
+    for K ≥ threshold, run LDLQ over row segments sharing one factorization — smaller working
+    memory and the same codes (rows are independent in LDLQ; see :func:`quip_ldlq`). ``block_size``: LDLQ's lazy block and the
     requant group. ``percdamp``: damping relative to the mean diagonal. ``output``: see the module
     docstring; ``None`` → ``"transformed"`` if ``store_transformed`` else ``"convrot"``.
     ``convrot_groupsize``: ``"auto"`` (256 when K allows) or a power of 4. ``rescale`` / ``permute``:
@@ -166,11 +167,47 @@ class QuIPConfig:
         return PerRow() if self.requant_per_row else PerTensor()
 
 
+def quip_config_from_legacy(*, block_size: int = 128, actorder: bool = True, hadamard: bool = True,
+                            seed: int | None = None, store_transformed: bool = False, requant_scheme: str = "tensor",
+                            requant_tensor_per_row: bool = True, checkpointed: bool = False,
+                            checkpoint_threshold: int = 8192, checkpoint_segments: int = 4,
+                            output: str | None = None) -> QuIPConfig:
+    """:class:`QuIPConfig` from the reference's ``quip_*`` arguments (names without the prefix).
+
+    The output is cq's ComfyUI-native ``"convrot"`` unless ``store_transformed`` (→ ``"transformed"``)
+    or ``output`` says otherwise. ``hadamard=False`` (the reference's random-orthogonal incoherence)
+    cannot be stored as ConvRot, and non-default ``requant_scheme`` / ``requant_tensor_per_row`` ask
+    for re-quantization explicitly: both select the reference's ``"requant"`` output, with a
+    ``UserWarning`` that it keeps none of QuIP's gain (so no legacy option is silently ignored).
+
+    Example:
+        >>> quip_config_from_legacy(seed=3).resolved_output
+        'convrot'
+    """
+    if output is None and not store_transformed:
+        why = None
+        if not hadamard:
+            why = ("quip_hadamard=False: random-orthogonal incoherence cannot be stored as ConvRot (ComfyUI only "
+                   "rotates activations with its regular Hadamard)")
+        elif requant_scheme != "tensor" or not requant_tensor_per_row:
+            why = (f"quip_requant_scheme={requant_scheme!r}, quip_requant_tensor_per_row={requant_tensor_per_row!r} "
+                   "ask for the reference's re-quantized output")
+        if why:
+            warnings.warn(f"{why}, so these layers are re-quantized in the original basis like the reference does, "
+                          "which keeps none of QuIP's gain; leave the quip_hadamard/quip_requant_* options at their "
+                          "defaults for the ComfyUI-native ConvRot output", UserWarning, stacklevel=2)
+            output = "requant"
+    return QuIPConfig(actorder=actorder, use_hadamard=hadamard, seed=seed, store_transformed=store_transformed,
+                      requant_scheme=requant_scheme, requant_per_row=requant_tensor_per_row,
+                      checkpointed=checkpointed, checkpoint_threshold=checkpoint_threshold,
+                      checkpoint_segments=checkpoint_segments, block_size=block_size, output=output)
+
+
 @attrs.frozen
 class QuIPLDLQConfig:
     """:func:`quip_ldlq`'s config: the LDLQ config plus the row segmentation (``segments=1``: none)."""
 
-    ldlq: LDLQConfig = LDLQConfig()
+    ldlq: LDLQConfig = attrs.field(factory=LDLQConfig, validator=attrs.validators.instance_of(LDLQConfig))
     segments: int = attrs.field(default=1, validator=_pos_int)
     threshold: int = attrs.field(default=8192, validator=_pos_int)
 
@@ -198,7 +235,10 @@ def quip_ldlq(state: LayerState, *, cfg: QuIPLDLQConfig = QuIPLDLQConfig()) -> L
 
     This is cq's ``quip_checkpointed``: one Cholesky factorization, rows quantized a segment at a
     time. LDLQ's error feedback only mixes columns *within* a row, so the codes equal the
-    unsegmented run (unlike the reference's approximate column segmentation).
+    unsegmented run (unlike the reference's approximate column segmentation; checked code for code
+    in ``tests/test_quip.py``). Memory: LDLQ's per-row working buffers (its target copy of the
+    weight) are ``N/segments`` rows instead of ``N``; the factorization and one float copy of the
+    weight are shared, so the peak drops by about one weight-sized buffer.
     """
     k = state.shape[1]
     if cfg.segments <= 1 or k < cfg.threshold or state.hessian is None:

@@ -63,6 +63,9 @@ def reconstruct(state: LayerState) -> torch.Tensor:
     full-precision paths); for an unquantized state it is the (fp16-cast) weight itself.
     """
     w = working_dequantized(state)
+    inc = state.meta.get("incoherence")
+    if inc is not None:  # two-sided QuIP basis (cq.transforms.incoherence)
+        return inc.inverse_weight(w).to(torch.float32)
     if state.rotation is not None:
         w = state.rotation.unrotate(w)
     return w
