@@ -95,6 +95,7 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig, *,
     Tensors are read one at a time (with ``cfg.low_memory`` straight from disk) and written through
     a streaming, atomic writer: a failure at any layer leaves no output file and the input untouched.
     """
+    from .io.comfy import NATIVE_FORMATS
     from .io import NonNativeFormatWarning, SafetensorsWriter, UnifiedSafetensorsLoader, comfy_quant_entry, layer_tensors, quantization_metadata
     from .selection import SelectionConfig, decide
 
@@ -161,7 +162,7 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig, *,
             if cfg.save_quant_metadata and entries:
                 writer.update_metadata({"_quantization_metadata": quantization_metadata(entries)})
     notes = []
-    odd = sorted({r.format for r in reports if r.format in ("int8_blockwise", "int8_axiswise")})
+    odd = sorted({r.format for r in reports if r.format not in NATIVE_FORMATS and r.format != "fp16"})
     if odd:
         notes.append(f"formats {odd} need a custom node: vanilla ComfyUI cannot load them")
     if not cfg.comfy:

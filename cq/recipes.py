@@ -36,7 +36,8 @@ def optimizer_pipeline(optimizer: str, granularity: Granularity, *, gptq=None, q
     if optimizer == "rtn":
         return rtn_pipeline(granularity, backend=backend)
     if optimizer == "gptq":
-        from .transforms.gptq import GPTQConfig, gptq_pipeline
+        from .converters.gptq import gptq_pipeline
+        from .transforms.gptq import GPTQConfig
 
         return gptq_pipeline(granularity=granularity, gptq=gptq or GPTQConfig())
     if optimizer == "quip":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ..errors import ConfigError
 from ..kernels import Backend
 from ..state import LayerState
 from .gptq import _backend, _block, _damping, _precision
