@@ -21,3 +21,7 @@ try:  # profiles live here (not in property_tests/) so that --hypothesis-profile
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 except ImportError:  # pragma: no cover
     pass
+
+# conftest files hold no doctests; collecting them as doctest modules would import each one a
+# second time under the same top-level name ("import file mismatch").
+collect_ignore_glob = ["*/conftest.py"]

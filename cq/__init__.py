@@ -6,11 +6,17 @@ transforms in :mod:`cq.transforms`), I/O (:mod:`cq.io`) and the reference's util
 """
 
 from .api import convert_to_int8
+from .calibrate import HessianStats, capture, hessian_finalize, hessian_init, hessian_update
+from .calibration_file import Calibration, attach_calibration, load_calibration, save_calibration, synthetic_hessian
 from .config import ConvertConfig
 from .constants import (COMPUTE_DTYPE, INT8_MAX, INT8_MIN, INT8_SYMMETRIC_MAX, SCALE_DTYPE, TARGET_INT8_DTYPE,
                         VALID_QUANT_FORMATS, FilterFlags, HessianMatrix, LayerConfig, ScaleTensor, WeightTensor)
 from .convert import convert_file
 from .converters import GPTQInt8Converter, LearnedRoundingConverter, QuIPInt8Converter
+from .converters.gptq import gptq_pipeline
+from .converters.quip import QuIPResult
+from .quip_file import dequantize_transformed, dequantize_transformed_file
+from .transforms.quip import quip_pipeline
 from .errors import ConfigError, CqError, InputError, NonFiniteWeightError, UnsupportedBackendError
 from .io import (MemoryEfficientSafeOpen, SafetensorsWriter, UnifiedSafetensorsLoader, check_with_comfy_kitchen,
                  validate_comfy_file, write_safetensors)
@@ -43,6 +49,9 @@ __all__ = [
     "write_safetensors", "validate_comfy_file", "check_with_comfy_kitchen", "rtn_pipeline", "optimizer_pipeline",
     "LayerState", "PerTensor", "PerRow", "PerBlock", "PerGroup", "record", "Stage", "Pipeline", "pipeline",
     "stage", "tap",
+    "capture", "HessianStats", "hessian_init", "hessian_update", "hessian_finalize", "save_calibration",
+    "load_calibration", "Calibration", "synthetic_hessian", "attach_calibration", "gptq_pipeline", "quip_pipeline",
+    "QuIPResult", "dequantize_transformed", "dequantize_transformed_file",
     # errors
     "CqError", "ConfigError", "InputError", "NonFiniteWeightError", "UnsupportedBackendError",
 ]

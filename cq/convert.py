@@ -7,6 +7,7 @@ import time
 import warnings
 from typing import Callable
 
+import attrs
 import torch
 
 from .config import ConvertConfig, granularity_for
@@ -66,6 +67,19 @@ class HessianSource:
             self._synthetic_cache[k] = synthetic_hessian(k, samples=self.cfg.calib_samples, seed=self.cfg.seed,
                                                          lora_rows=rows)
         return self._synthetic_cache[k], "synthetic Gaussian Hessian (not data-aware)"
+
+
+def _hoist_repeated_notes(reports: list[LayerReport]) -> tuple[list[LayerReport], list[str]]:
+    """Say a note shared by several layers (e.g. "no calibration: H = I") once, in the run's notes."""
+    counts: dict[str, int] = {}
+    for r in reports:
+        for n in set(r.notes):
+            counts[n] = counts.get(n, 0) + 1
+    repeated = [n for n, c in counts.items() if c > 1]
+    if not repeated:
+        return reports, []
+    shared = [f"{n} ({counts[n]} layers)" for n in repeated]
+    return [attrs.evolve(r, notes=tuple(n for n in r.notes if n not in repeated)) for r in reports], shared
 
 
 def _layer_pipeline(cfg: ConvertConfig, decision, cache: dict) -> Pipeline:
@@ -167,7 +181,9 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig, *,
         notes.append(f"formats {odd} need a custom node: vanilla ComfyUI cannot load them")
     if not cfg.comfy:
         notes.append("legacy non-comfy layout (.scale_weight): vanilla ComfyUI loads these weights unquantized")
-    for note in notes:  # once per run, not once per layer
+    reports, shared = _hoist_repeated_notes(reports)
+    notes = shared + notes
+    for note in notes[len(shared):]:  # once per run, not once per layer
         warnings.warn(note, NonNativeFormatWarning, stacklevel=2)
     return ConversionReport(input_file=str(input_file), output_file=str(output_file), layers=tuple(reports),
                             kept=kept, removed=removed, seconds=time.perf_counter() - start,

@@ -292,9 +292,9 @@ class SelectionConfig:
 
 
 #: Module names of lookup tables: ``word_embeddings``, ``position_embedding``, ``embed_tokens``,
-#: ``wte``/``wpe``, ``shared`` (T5), ``token_embedding``. Linear "embedders" (``x_embedder``,
+#: ``wte``/``wpe``, a top-level ``shared`` (T5), ``token_embedding``. Linear "embedders" (``x_embedder``,
 #: ``time_embedding.0``) do not match: their last component is not an embedding-table name.
-_EMBEDDING_TABLE = re.compile(r"(^|\.)([a-z_]*embeddings?|embed_tokens|wte|wpe|shared)$")
+_EMBEDDING_TABLE = re.compile(r"(^|\.)([a-z_]*embeddings?|embed_tokens|wte|wpe)$|^shared$")
 
 
 def why_not_candidate(key: str, shape: Iterable[int], dtype: torch.dtype | None) -> str | None:

@@ -16,7 +16,7 @@ from cq.presets import (
     build_exclusion_patterns,
     get_preset,
 )
-from cq.selection import SelectionConfig, decide
+from cq.selection import why_not_candidate, SelectionConfig, decide
 
 REFERENCE_ORDER = ["t5xxl", "mistral", "visual", "flux2", "distillation_large", "distillation_small", "nerf_large",
                    "nerf_small", "radiance", "wan", "hunyuan", "qwen", "zimage", "zimage_refiner", "lora"]
@@ -64,12 +64,12 @@ def test_model_filters_is_read_only():
 CASES = [
     ("t5xxl", "encoder.block.0.layer.0.SelfAttention.q.weight", "quantize"),
     ("t5xxl", "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", "quantize"),
-    ("t5xxl", "shared.weight", "keep"),
-    ("t5xxl", "encoder.embed_tokens.weight", "keep"),
+    ("t5xxl", "blocks.0.shared.weight", "keep"),
+    ("t5xxl", "encoder.block.0.layer.0.layer_norm.weight", "keep"),
     ("t5xxl", "decoder.block.0.layer.0.SelfAttention.q.weight", "remove"),
     ("t5xxl", "lm_head.weight", "remove"),
     ("mistral", "model.layers.0.self_attn.q_proj.weight", "quantize"),
-    ("mistral", "model.embed_tokens.weight", "keep"),
+    ("mistral", "model.layers.0.input_layernorm.weight", "keep"),
     ("mistral", "lm_head.weight", "keep"),
     ("mistral", "multi_modal_projector.linear_1.weight", "keep"),
     ("visual", "visual.blocks.0.mlp.down_proj.weight", "keep"),
@@ -106,7 +106,7 @@ CASES = [
     ("hunyuan", "double_blocks.0.img_attn_qkv.weight", "quantize"),
     ("hunyuan", "vision_in.proj.0.weight", "keep"),
     ("hunyuan", "img_in.proj.weight", "keep"),
-    ("hunyuan", "cond_type_embedding.weight", "keep"),
+    ("hunyuan", "cond_type_embedding.0.weight", "keep"),
     ("hunyuan", "txt_in.individual_token_refiner.blocks.0.norm1.weight", "keep"),
     ("qwen", "transformer_blocks.0.attn.to_q.weight", "quantize"),
     ("qwen", "transformer_blocks.0.img_mod.1.weight", "keep"),
@@ -161,6 +161,8 @@ def test_random_keys_are_kept_exactly_when_they_contain_a_keep_substring():
         d = decide(key, (32, 32), torch.float16, SelectionConfig(presets=(name,)))
         if any(s in key for s in p.remove):
             assert d.action == "remove"
+        elif why_not_candidate(key, (32, 32), torch.float16):  # e.g. "shared.weight", T5's embedding table
+            assert d.action == "keep" and d.rule == "not_candidate"
         elif any(s in key for s in p.keep):
             assert d.action == "keep" and d.rule == "preset"
         else:

@@ -1,1 +1,0 @@
-"""Property tests: hypothesis profiles are registered in the root conftest.py."""
