@@ -29,7 +29,9 @@ from cq.kernels import int8_linear  # noqa: E402
 from cq.state import LayerState, PerRow  # noqa: E402
 from cq.transforms import ScaleConfig, absmax_scale, reconstruct, rel_output_error, round_to_nearest  # noqa: E402
 from cq.transforms.gptq import GPTQConfig, gptq_update  # noqa: E402
+from cq.transforms.convrot import ConvRotConfig, convrot  # noqa: E402
 from cq.transforms.ldlq import LDLQConfig, ldlq  # noqa: E402
+from cq.transforms.quip import QuIPConfig, quip_pipeline  # noqa: E402
 
 CALIBRATION_SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the riverbank.",
@@ -162,14 +164,16 @@ def embed(model, tokenizer, sentences: list[str], batch_size: int = 32) -> torch
 class W8A8Linear(torch.nn.Module):
     """ComfyUI's int8 forward (dynamic per-token activations × int8 weights) for one layer."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, rotation=None):
         super().__init__()
+        self.rotation = rotation  # ConvRot: ComfyUI rotates the activations before quantizing them
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
-        return int8_linear(x, self.codes, self.scale, self.bias).to(x.dtype)
+        xr = self.rotation.rotate(x) if self.rotation is not None else x
+        return int8_linear(xr, self.codes, self.scale, self.bias).to(x.dtype)
 
 
 def _linears(model):
@@ -177,7 +181,10 @@ def _linears(model):
 
 
 def quantize_model(model, hessians, method: str, *, w8a8: bool = False):
-    """A copy of ``model`` with every Linear quantized by ``method`` (``rtn``/``gptq``/``gptq_actorder``/``ldlq``).
+    """A copy of ``model`` with every Linear quantized by ``method``.
+
+    Methods: ``rtn``, ``gptq``, ``gptq_actorder``, ``ldlq``, ``convrot_rtn`` (ComfyUI's ConvRot + RTN)
+    and ``quip`` (ConvRot + LDLQ, cq's default QuIP output).
 
     Returns ``(model copy, {layer: metrics})``. Weight-only copies hold the dequantized weights;
     ``w8a8`` copies run :class:`W8A8Linear`.
@@ -186,8 +193,13 @@ def quantize_model(model, hessians, method: str, *, w8a8: bool = False):
     metrics = {}
     for name, mod in _linears(q_model):
         st = LayerState.from_weight(name, mod.weight.detach(), hessian=hessians[name].hessian if name in hessians else None)
-        st = absmax_scale(st, cfg=ScaleConfig(PerRow()))
-        if method == "rtn":
+        if method == "convrot_rtn":
+            st = convrot(st, cfg=ConvRotConfig("auto"))
+        if method == "quip":  # ConvRot + LDLQ in the rotated basis (cq's default QuIP output)
+            st = quip_pipeline(QuIPConfig())(st)
+        else:
+            st = absmax_scale(st, cfg=ScaleConfig(PerRow()))
+        if method in ("rtn", "convrot_rtn"):
             st = round_to_nearest(st)
         elif method == "gptq":
             st = gptq_update(st, cfg=GPTQConfig())
@@ -195,22 +207,22 @@ def quantize_model(model, hessians, method: str, *, w8a8: bool = False):
             st = gptq_update(st, cfg=GPTQConfig(actorder=True))
         elif method == "ldlq":
             st = ldlq(st, cfg=LDLQConfig())
-        else:
+        elif method != "quip":
             raise ValueError(f"unknown method {method!r}")
         metrics[name] = dict(st.meta.get("metrics", {}))
         if st.hessian is not None:
-            metrics[name]["rel_out_h"] = rel_output_error(st.weight, reconstruct(st), hessian=st.hessian)
+            metrics[name]["rel_out_h"] = rel_output_error(st.original, reconstruct(st), hessian=hessians[name].hessian)
         if w8a8:
             parent_name, _, child = name.rpartition(".")
             parent = q_model.get_submodule(parent_name) if parent_name else q_model
-            setattr(parent, child, W8A8Linear(st.codes, st.scale, mod.bias))
+            setattr(parent, child, W8A8Linear(st.codes, st.scale, mod.bias, st.rotation))
         else:
             with torch.no_grad():
                 mod.weight.copy_(reconstruct(st).to(mod.weight.dtype))
     return q_model, metrics
 
 
-def run(*, methods=("rtn", "gptq", "gptq_actorder", "ldlq"), w8a8: bool = True,
+def run(*, methods=("rtn", "gptq", "gptq_actorder", "ldlq", "convrot_rtn", "quip"), w8a8: bool = True,
         calibration=CALIBRATION_SENTENCES, heldout=HELDOUT_SENTENCES, batch_size: int = 16) -> dict:
     """Capture, quantize, evaluate. Returns ``{"rows": [...], "capture_s": float, "layers": int}``.
 
