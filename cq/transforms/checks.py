@@ -20,7 +20,9 @@ def check_finite(state: LayerState) -> LayerState:
         cq.errors.NonFiniteWeightError: fc: weight has 1 NaN and 0 Inf values (first at [0, 0]); ...
     """
     w = state.weight
-    if w.is_floating_point():
+    # One reduction is enough when it is finite (a NaN or Inf anywhere makes the sum non-finite);
+    # only then pay for the element-wise scan that locates the bad values (or finds a mere overflow).
+    if w.is_floating_point() and w.numel() and not bool(torch.isfinite(w.sum(dtype=torch.float32))):
         bad = ~torch.isfinite(w)
         if bool(bad.any()):
             n_nan = int(torch.isnan(w).sum())

@@ -50,10 +50,12 @@ def compute_scale(w: torch.Tensor, granularity: Granularity) -> torch.Tensor:
         >>> compute_scale(torch.tensor([[1.27, -2.54], [0.0, 0.0]]), PerRow()).flatten().tolist()
         [0.019999999552965164, 1.0000000031710769e-30]
     """
-    a = w.detach().to(torch.float32).abs()
+    # abs and max are exact in any float dtype: reduce in the weight's own dtype and convert only
+    # the (small) result, instead of materializing a float32 copy of the whole weight.
+    a = w.detach().abs()
     n, k = a.shape
     if isinstance(granularity, PerTensor):
-        amax = a.amax() if a.numel() else torch.zeros((), dtype=torch.float32)
+        amax = a.amax() if a.numel() else torch.zeros((), dtype=a.dtype)
     elif isinstance(granularity, PerRow):
         amax = a.amax(dim=1, keepdim=True)
     elif isinstance(granularity, PerBlock):
@@ -64,7 +66,7 @@ def compute_scale(w: torch.Tensor, granularity: Granularity) -> torch.Tensor:
         amax = a.reshape(n, k // g, g).amax(dim=2, keepdim=True)
     else:  # pragma: no cover - guarded by ScaleConfig
         raise ConfigError(f"unknown granularity {granularity!r}")
-    return (amax / QMAX).clamp(min=SCALE_FLOOR)
+    return (amax.to(torch.float32) / QMAX).clamp(min=SCALE_FLOOR)
 
 
 def expand_scale(scale: torch.Tensor, granularity: Granularity, shape: tuple[int, int]) -> torch.Tensor:
