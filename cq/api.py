@@ -39,6 +39,8 @@ class Param:
 
 
 _REQUIRED = object()
+_LORA_MERGE = ("merging LoRAs during a file conversion (merge in Python with cq.merge_lora_into_weight or the "
+               "cq.transforms.merge_lora stage)")
 
 #: The reference's 50 named parameters, in its order, and where each one goes.
 LEGACY_PARAMETERS: dict[str, Param] = {
@@ -89,10 +91,10 @@ LEGACY_PARAMETERS: dict[str, Param] = {
     "quip_checkpointed": Param(False, "special"),
     "quip_checkpoint_threshold": Param(8192, "special"),
     "quip_checkpoint_segments": Param(4, "special"),
-    "merge_lora_path": Param(None, "later", "LoRA merging (merge_lora_path)"),
-    "merge_lora_paths": Param(None, "later", "LoRA merging (merge_lora_paths)"),
-    "merge_lora_scale": Param(1.0, "later", "LoRA merging (merge_lora_scale)"),
-    "merge_lora_dampen": Param(True, "later", "LoRA merging (merge_lora_dampen)"),
+    "merge_lora_path": Param(None, "later", _LORA_MERGE),
+    "merge_lora_paths": Param(None, "later", _LORA_MERGE),
+    "merge_lora_scale": Param(1.0, "later", _LORA_MERGE),
+    "merge_lora_dampen": Param(True, "later", _LORA_MERGE),
 }
 
 #: ``**converter_kwargs`` the reference's CLI passes; learned-rounding knobs name that capability.

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     alg = p.add_argument_group("rounding")
     _flag(alg, "--optimizer", choices=["rtn", "gptq", "quip", "original", "adamw", "radam"], default=None,
           help="rtn (default), gptq, quip; original/adamw/radam (learned rounding) are not implemented yet")
-    _flag(alg, "--simple", action="store_true", help="no learned rounding (cq never runs it unasked); names the output simple_*")
+    _flag(alg, "--simple", action="store_true",
+          help="no learned rounding (cq never runs it unasked); names the output simple_*")
     _flag(alg, "--calibration-data", dest="calibration_data_path",
           help="calibration file (cq format from `cq.calibrate`, or the reference's .json/.safetensors)")
     _flag(alg, "--calibration-lora", dest="calibration_lora_path",

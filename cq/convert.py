@@ -44,7 +44,8 @@ class HessianSource:
 
     @property
     def wanted(self) -> bool:
-        return self.cfg.optimizer in ("gptq", "quip") and (self.calibration is not None or self.cfg.synthetic_calibration)
+        has_source = self.calibration is not None or self.cfg.synthetic_calibration
+        return self.cfg.optimizer in ("gptq", "quip") and has_source
 
     def __call__(self, stem: str, k: int) -> tuple[torch.Tensor | None, str | None]:
         """(Hessian or None, note for the report)."""
@@ -102,6 +103,33 @@ def _layer_pipeline(cfg: ConvertConfig, decision, cache: dict) -> Pipeline:
     return cache[key]
 
 
+def _convert_layer(stem: str, w: torch.Tensor, d, cfg: ConvertConfig, hessians: HessianSource,
+                   pipes: dict) -> tuple[dict[str, torch.Tensor], LayerReport, dict | None]:
+    """Run one layer's pipeline; return the tensors to write, its report row and its quant entry."""
+    from .io import layer_tensors
+    from .io.comfy import decode_comfy_quant
+
+    h, h_note = hessians(stem, w.shape[1])
+    state = LayerState.from_weight(stem, w.to(torch.float32), hessian=h,
+                                   meta={"notes": (h_note,)} if h_note else None)
+    int8 = (d.target or cfg.target) == "int8"
+    pipe = _layer_pipeline(cfg, d, pipes).then(
+        measure_stage(state, cfg.metrics_tokens if int8 else 0, cfg.seed, cfg.backend))
+    out = pipe(state)
+    fpmm = bool(d.full_precision_matrix_mult or cfg.full_precision_matrix_mult)
+    tensors = layer_tensors(out, comfy=cfg.comfy, legacy_axiswise=cfg.legacy_axiswise,
+                            full_precision_matrix_mult=fpmm)
+    scale_t = tensors.get(f"{stem}.weight_scale", tensors.get(f"{stem}.scale_weight"))
+    if not cfg.comfy and cfg.include_input_scale and scale_t is not None:
+        tensors[f"{stem}.scale_input"] = torch.ones_like(scale_t)
+    label = tensors.get(f"{stem}.comfy_quant")
+    entry = None if label is None else decode_comfy_quant(label, name=stem)  # what ComfyUI will read
+    report = LayerReport(name=stem, action="quantize", reason=d.reason,
+                         format=(entry or {}).get("format", out.format), shape=tuple(w.shape), scale_shape=None if scale_t is None else tuple(scale_t.shape),
+                         metrics=dict(out.meta.get("metrics", {})), notes=out.notes)
+    return tensors, report, entry
+
+
 def convert_file(input_file: str, output_file: str, cfg: ConvertConfig, *,
                  on_layer: ProgressFn | None = None) -> ConversionReport:
     """Convert ``input_file`` to ``output_file`` following ``cfg``; returns the per-layer report.
@@ -110,7 +138,7 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig, *,
     a streaming, atomic writer: a failure at any layer leaves no output file and the input untouched.
     """
     from .io.comfy import NATIVE_FORMATS
-    from .io import NonNativeFormatWarning, SafetensorsWriter, UnifiedSafetensorsLoader, comfy_quant_entry, layer_tensors, quantization_metadata
+    from .io import NonNativeFormatWarning, SafetensorsWriter, UnifiedSafetensorsLoader, quantization_metadata
     from .selection import SelectionConfig, decide
 
     start = time.perf_counter()
@@ -141,38 +169,19 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig, *,
                     kept += 1
                     loader.mark_processed(key)
                     continue
-                t0 = time.perf_counter()
                 stem = key[: -len(".weight")] if key.endswith(".weight") else key
                 if on_layer is not None:
                     on_layer(stem, len(reports), len(todo))
+                t0 = time.perf_counter()
                 w = loader.get_tensor(key)
                 loader.mark_processed(key)
-                h, h_note = hessians(stem, w.shape[1])
-                state = LayerState.from_weight(stem, w.to(torch.float32), hessian=h,
-                                               meta={"notes": (h_note,)} if h_note else None)
-                pipe = _layer_pipeline(cfg, d, pipes)
-                int8 = (d.target or cfg.target) == "int8"
-                pipe = pipe.then(measure_stage(state, cfg.metrics_tokens if int8 else 0, cfg.seed, cfg.backend))
-                out = pipe(state)
-                fpmm = bool(d.full_precision_matrix_mult or cfg.full_precision_matrix_mult)
-                tensors = layer_tensors(out, comfy=cfg.comfy, legacy_axiswise=cfg.legacy_axiswise,
-                                        full_precision_matrix_mult=fpmm)
-                if not cfg.comfy and cfg.include_input_scale and out.scale is not None:
-                    tensors[f"{stem}.scale_input"] = torch.ones_like(tensors[f"{stem}.scale_weight"])
+                tensors, report, entry = _convert_layer(stem, w, d, cfg, hessians, pipes)
                 for name, t in tensors.items():
                     writer.add(name, t)
-                if cfg.comfy and out.codes is not None:
-                    entries[stem] = comfy_quant_entry(out, full_precision_matrix_mult=fpmm,
-                                                      legacy_axiswise=cfg.legacy_axiswise)
-                scale_t = tensors.get(f"{stem}.weight_scale", tensors.get(f"{stem}.scale_weight"))
-                reports.append(LayerReport(
-                    name=stem, action="quantize", reason=d.reason,
-                    format=entries.get(stem, {}).get("format", out.format), shape=tuple(w.shape),
-                    scale_shape=None if scale_t is None else tuple(scale_t.shape),
-                    metrics=dict(out.meta.get("metrics", {})), notes=out.notes,
-                    seconds=time.perf_counter() - t0,
-                ))
-                log.debug("%s: %s", stem, reports[-1].metrics)
+                if entry is not None:  # the header repeats exactly what the tensor says
+                    entries[stem] = entry
+                reports.append(attrs.evolve(report, seconds=time.perf_counter() - t0))
+                log.debug("%s: %s", stem, report.metrics)
             if cfg.save_quant_metadata and entries:
                 writer.update_metadata({"_quantization_metadata": quantization_metadata(entries)})
     notes = []
