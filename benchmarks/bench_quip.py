@@ -28,26 +28,11 @@ from cq.transforms.convrot import convrot
 from cq.transforms.gptq import GPTQConfig, gptq_update
 from cq.transforms.incoherence import incoherence_reconstruct
 from cq.transforms.quip import QuIPConfig, quip_pipeline
+from cq.synthetic import outlier_layer as synthetic_outlier_layer
 
 F64 = torch.float64
 
 
-def synthetic_outlier_layer(n=512, k=1024, t=4096, seed=0):
-    """``(W [n,k], X [t,k], H = 2/t·XᵀX)`` (float32); identical to ``tests/test_quip.py``."""
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=F64))
-    spectrum = torch.arange(1, k + 1, dtype=F64) ** -0.5
-    x = torch.randn(t, k, generator=g, dtype=F64) @ (q * spectrum).T
-    x = x * torch.exp(0.5 * torch.randn(k, generator=g, dtype=F64))
-    x[:, torch.randperm(k, generator=g)[: max(1, round(0.005 * k))]] *= 20.0
-    chi2 = (torch.randn(4, n, k, generator=g, dtype=F64) ** 2).sum(0) / 4
-    w = torch.randn(n, k, generator=g, dtype=F64) / chi2.sqrt()
-    w = w * torch.exp(0.25 * torch.randn(n, 1, generator=g, dtype=F64))
-    w = w * torch.exp(0.25 * torch.randn(1, k, generator=g, dtype=F64))
-    w.view(-1)[torch.randperm(n * k, generator=g)[: max(1, round(1e-4 * n * k))]] *= 10.0
-    w = w / w.std() * 0.02
-    h = (2.0 / t) * (x.T @ x)
-    return w.float(), x.float(), h.float()
 
 
 def main(argv=None) -> None:
@@ -57,7 +42,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    w, x, h = synthetic_outlier_layer(args.n, args.k, args.tokens, args.seed)
+    w, x, h = synthetic_outlier_layer(args.n, args.k, args.tokens, seed=args.seed)
     xt = x[: args.tokens // 2]
     s = LayerState.from_weight("blk.fc", w, hessian=h)
     row = ScaleConfig(PerRow())

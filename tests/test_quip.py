@@ -30,26 +30,11 @@ from cq.transforms.quip import (
     quip_extra_tensors,
     quip_pipeline,
 )
+from cq.synthetic import outlier_layer as synthetic_outlier_layer
 
 F64 = torch.float64
 
 
-def synthetic_outlier_layer(n=512, k=1024, t=4096, seed=0):
-    """``(W [n,k], X [t,k], H = 2/t·XᵀX)``: the outlier-heavy layer of algorithms.md §8 (float32)."""
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=F64))
-    spectrum = torch.arange(1, k + 1, dtype=F64) ** -0.5
-    x = torch.randn(t, k, generator=g, dtype=F64) @ (q * spectrum).T
-    x = x * torch.exp(0.5 * torch.randn(k, generator=g, dtype=F64))
-    x[:, torch.randperm(k, generator=g)[: max(1, round(0.005 * k))]] *= 20.0
-    chi2 = (torch.randn(4, n, k, generator=g, dtype=F64) ** 2).sum(0) / 4  # Student-t(4) = z / sqrt(chi2_4 / 4)
-    w = torch.randn(n, k, generator=g, dtype=F64) / chi2.sqrt()
-    w = w * torch.exp(0.25 * torch.randn(n, 1, generator=g, dtype=F64))
-    w = w * torch.exp(0.25 * torch.randn(1, k, generator=g, dtype=F64))
-    w.view(-1)[torch.randperm(n * k, generator=g)[: max(1, round(1e-4 * n * k))]] *= 10.0
-    w = w / w.std() * 0.02
-    h = (2.0 / t) * (x.T @ x)
-    return w.float(), x.float(), h.float()
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +162,7 @@ def test_seed_none_means_zero_and_two_sided_results_are_deterministic():
 
 
 def test_use_hadamard_false_works_on_two_sided_outputs():
-    w, x, h = synthetic_outlier_layer(n=64, k=128, t=512, seed=3)
+    w, x, h = synthetic_outlier_layer(64, 128, 512, seed=3)
     s = LayerState.from_weight("fc", w, hessian=h)
     r = quip_pipeline(QuIPConfig(output="transformed", use_hadamard=False))(s)
     rel = rel_output_error(w, incoherence_reconstruct(r), hessian=h)
