@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(run, "--backend", default="auto", choices=["auto", "torch", "triton"])
     _flag(run, "--verbose", default="NORMAL", choices=["DEBUG", "VERBOSE", "NORMAL", "MINIMAL"])
     _flag(run, "--no-progress", dest="no_progress", action="store_true")
+    _flag(run, "--dry-run", dest="dry_run", nargs="?", const="analyze", choices=["analyze", "create-template"],
+          help="analyze: print what would happen to every tensor and write nothing; create-template: write "
+               "<input>_layer_config_template.json (a loadable --layer-config) and exit")
     return p
 
 
@@ -165,6 +168,32 @@ def _kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
+def _dry_run(mode: str, inp: str, cfg) -> int:
+    """``--dry-run``: decisions for every tensor (analyze) or a layer-config template; no conversion."""
+    from .io import UnifiedSafetensorsLoader
+    from .selection import SelectionConfig, iter_decisions
+
+    with UnifiedSafetensorsLoader(inp, low_memory=True) as loader:
+        if mode == "create-template":
+            import json
+
+            from .io import write_text_atomic
+            from .layer_config import create_layer_config_template
+
+            path = Path(inp).with_name(Path(inp).stem + "_layer_config_template.json")
+            template = create_layer_config_template(loader)
+            write_text_atomic(path, json.dumps(template, indent=2) + "\n")
+            print(f"wrote {path} ({sum(1 for k in template if not k.startswith('_'))} layers)")
+            return 0
+        counts: dict[str, int] = {}
+        for key, d in iter_decisions(loader, cfg.selection or SelectionConfig()):
+            counts[d.action] = counts.get(d.action, 0) + 1
+            target = f" -> {d.target or cfg.target}" if d.action == "quantize" else ""
+            print(f"{d.action:<9} {key}{target}  ({d.reason})" if d.reason else f"{d.action:<9} {key}{target}")
+    print(", ".join(f"{n} {a}" for a, n in sorted(counts.items())) + "; nothing written (dry run)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 success, 1 conversion error, 2 bad usage)."""
     parser = build_parser()
@@ -179,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         inp, out, cfg = config_from_legacy_kwargs(**_kwargs(args))
+        if args.dry_run:
+            return _dry_run(args.dry_run, inp, cfg)
         bar = None
         if not args.no_progress:
             from tqdm import tqdm
@@ -211,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     for note in report.notes:
         print(f"note: {note}")
     if args.report_json:
-        Path(args.report_json).write_text(report.to_json(indent=2))
+        from .io import write_text_atomic
+
+        write_text_atomic(args.report_json, report.to_json(indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

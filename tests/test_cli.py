@@ -102,3 +102,28 @@ def test_python_dash_m_entry_point(model_file, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cq", "-i", str(tmp_path / "nope.safetensors")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_dry_run_analyze_writes_nothing(model_file, tmp_path, capsys):
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    rc, stdout, err = _run(capsys, "-i", str(model_file), "--dry-run", "--exclude-layers", "fc2")
+    assert rc == 0, err
+    assert "quantize  blocks.0.attn.proj.weight -> int8" in stdout
+    assert "keep      blocks.0.mlp.fc2.weight" in stdout and "exclude_layers" in stdout
+    assert "keep      token_embedding.weight" in stdout and "embedding table" in stdout
+    assert stdout.rstrip().endswith("nothing written (dry run)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_dry_run_template_is_a_loadable_layer_config(model_file, capsys):
+    from cq import load_layer_config
+
+    rc, stdout, err = _run(capsys, "-i", str(model_file), "--dry-run", "create-template")
+    assert rc == 0, err
+    path = model_file.with_name("model_layer_config_template.json")
+    cfg = load_layer_config(str(path))
+    assert any("qkv" in k for k in cfg)
+    out = model_file.with_name("o.safetensors")
+    rc, stdout, err = _run(capsys, "-i", str(model_file), "-o", str(out), "--layer-config", str(path))
+    assert rc == 0, err
+    assert out.exists()

@@ -26,7 +26,7 @@ from .loader import (
     read_header,
 )
 from .validate import COMFY_DTYPES, quant_configs, validate_comfy_file
-from .writer import SafetensorsWriter, same_path, write_safetensors
+from .writer import SafetensorsWriter, same_path, write_safetensors, write_text_atomic
 
 __all__ = [
     "UnifiedSafetensorsLoader",
@@ -38,6 +38,7 @@ __all__ = [
     "DTYPE_NAMES",
     "SafetensorsWriter",
     "write_safetensors",
+    "write_text_atomic",
     "same_path",
     "comfy_quant_entry",
     "layer_tensors",

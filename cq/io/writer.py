@@ -390,3 +390,27 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     with SafetensorsWriter(path, metadata=metadata, forbid=forbid) as w:
         for name, t in tensors.items():
             w.add(name, t)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (JSON report, layer-config template) atomically: temp file + rename.
+
+    Example:
+        >>> import pathlib
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     write_text_atomic(os.path.join(d, "a.json"), "{}")
+        ...     pathlib.Path(d, "a.json").read_text()
+        '{}'
+    """
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".cq-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
