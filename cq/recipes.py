@@ -11,7 +11,7 @@ from .state import Granularity, LayerState, PerRow
 from .transforms import (MetricsConfig, RoundConfig, ScaleConfig, absmax_scale, check_finite, fp16_cast, measure,
                          round_to_nearest)
 
-__all__ = ["rtn_pipeline", "fp16_pipeline", "optimizer_pipeline", "metrics_inputs"]
+__all__ = ["rtn_pipeline", "fp16_pipeline", "optimizer_pipeline", "metrics_inputs", "measure_stage"]
 
 
 def rtn_pipeline(granularity: Granularity = PerRow(), *, backend: Backend | str = Backend.AUTO) -> Pipeline:
