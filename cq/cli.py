@@ -7,10 +7,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import SCALING_MODES
+from .presets import PRESETS
+
 __all__ = ["main", "build_parser", "default_output_name"]
 
-PRESET_FLAGS = ("t5xxl", "mistral", "visual", "flux2", "distillation_large", "distillation_small", "nerf_large",
-                "nerf_small", "radiance", "wan", "hunyuan", "qwen", "zimage", "zimage_refiner", "lora")
+PRESET_FLAGS = tuple(PRESETS)  # the reference's 15 model flags, in its order
 LEARNED_ROUNDING_FLAGS = ("num_iter", "lr", "lr_schedule", "top_p", "min_k", "max_k", "lr_gamma", "lr_patience",
                           "lr_factor", "lr_min", "lr_cooldown", "lr_threshold", "lr_adaptive_mode",
                           "lr_shape_influence", "lr_threshold_mode", "early_stop_loss", "early_stop_lr",
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="the reference's non-comfy layout (.scale_weight); vanilla ComfyUI loads it unquantized")
     _flag(fmt, "--int8", action="store_true", help="INT8 target (the default)")
     _flag(fmt, "--fp16", action="store_true", help="store eligible weights as float16 instead of INT8")
-    _flag(fmt, "--scaling_mode", choices=["tensor", "row", "axis", "block"], default=None,
+    _flag(fmt, "--scaling_mode", choices=list(SCALING_MODES), default=None,
           help="scale layout: row (default, [N,1]), axis (= row), tensor (()), block (int8_blockwise tiles, "
                "custom nodes only)")
     _flag(fmt, "--block_size", type=int, default=None, help="tile size for --scaling_mode block (128)")
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(sel, "--custom-layers", dest="custom_layers", help="regex: layers converted with the --custom-* settings")
     _flag(sel, "--custom-type", dest="custom_type", choices=["int8", "fp16"])
     _flag(sel, "--custom-block-size", dest="custom_block_size", type=int)
-    _flag(sel, "--custom-scaling-mode", dest="custom_scaling_mode", choices=["tensor", "row", "axis", "block"])
+    _flag(sel, "--custom-scaling-mode", dest="custom_scaling_mode", choices=list(SCALING_MODES))
     _flag(sel, "--custom-simple", dest="custom_simple", action="store_true")
     _flag(sel, "--custom-heur", dest="custom_heur", action="store_true")
     _flag(sel, "--fallback", choices=["int8", "fp16"], help="format for excluded/preset-kept layers")

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import attrs
 
+from ._validators import one_of, positive_int
 from .errors import ConfigError
 from .kernels import Backend
 from .state import Granularity, PerBlock, PerRow, PerTensor
@@ -38,18 +39,6 @@ def granularity_for(scaling_mode: str | None, block_size: int | None) -> Granula
                       "use 'row' (the ComfyUI-native default) unless you need another layout")
 
 
-def _one_of(choices):
-    def check(instance, attribute, value):
-        if value not in choices:
-            raise ConfigError(f"{attribute.name}={value!r} is not one of {list(choices)}")
-    return check
-
-
-def _positive_int(instance, attribute, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{attribute.name}={value!r} must be a positive int")
-
-
 @attrs.frozen(kw_only=True)
 class ConvertConfig:
     """Everything :func:`cq.convert.convert_file` needs to know, validated at construction.
@@ -59,11 +48,11 @@ class ConvertConfig:
     """
 
     comfy: bool = True  # False: the reference's legacy non-comfy layout (`.scale_weight`)
-    target: Literal["int8", "fp16"] = attrs.field(default="int8", validator=_one_of(("int8", "fp16")))
-    scaling_mode: str | None = attrs.field(default=None, validator=_one_of((None,) + SCALING_MODES))
-    block_size: int = attrs.field(default=128, validator=_positive_int)
+    target: Literal["int8", "fp16"] = attrs.field(default="int8", validator=one_of(("int8", "fp16")))
+    scaling_mode: str | None = attrs.field(default=None, validator=one_of(SCALING_MODES, optional=True))
+    block_size: int = attrs.field(default=128, validator=positive_int)
     legacy_axiswise: bool = False  # write per-row scales as [N] "int8_axiswise" (fork custom nodes only)
-    optimizer: str = attrs.field(default="rtn", validator=_one_of(OPTIMIZERS))
+    optimizer: str = attrs.field(default="rtn", validator=one_of(OPTIMIZERS))
     selection: Any = None  # cq.selection.SelectionConfig
     full_precision_matrix_mult: bool = False
     save_quant_metadata: bool = False
@@ -72,7 +61,7 @@ class ConvertConfig:
     quality_threshold: float = 30.0
     calibration_path: str | None = None
     synthetic_calibration: bool = False  # the reference's Gaussian-noise Hessians (not data-aware)
-    calib_samples: int = attrs.field(default=6144, validator=_positive_int)
+    calib_samples: int = attrs.field(default=6144, validator=positive_int)
     calibration_lora_path: str | None = None
     seed: int = 0
     gptq: Any = None  # cq.transforms.gptq.GPTQConfig

@@ -40,6 +40,10 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 import attrs
 import torch
 
+from ._validators import one_of as _one_of
+from ._validators import optional_positive_int as _opt_positive_int
+from ._validators import positive_int as _positive_int
+from .config import SCALING_MODES
 from .errors import ConfigError
 from .layer_config import load_layer_config, match_layer_config
 from .presets import PRESETS, Preset
@@ -59,32 +63,11 @@ __all__ = [
     "tensor_triples",
 ]
 
-SCALING_MODES = ("tensor", "row", "axis", "block")
 TARGETS = ("int8", "fp16")
 ACTIONS = ("quantize", "keep", "remove")
 #: ``--heur`` keeps layers with a dim below this in tensor/row/axis modes (int8 GEMMs that small
 #: gain nothing over the float path).
 HEUR_MIN_DIM = 16
-
-
-def _one_of(options: tuple, *, optional: bool = False, what: str = ""):
-    def check(instance, attribute, value):
-        if value is None and optional:
-            return
-        if value not in options:
-            raise ConfigError(f"{what or attribute.name}={value!r} is not one of {list(options)}")
-
-    return check
-
-
-def _positive_int(instance, attribute, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{attribute.name}={value!r} must be a positive integer such as 128")
-
-
-def _opt_positive_int(instance, attribute, value):
-    if value is not None:
-        _positive_int(instance, attribute, value)
 
 
 def _bool(instance, attribute, value):
