@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     for name, fn in cases:
         out, sec, cpu = timed(fn)
         add(name, sec, cpu, out.codes)
-        predicted = out.meta.get("metrics", {}).get("predicted_rel_out", predicted)
+        predicted = out.metrics.get("predicted_rel_out", predicted)
     base = rows[0][1] if not args.skip_textbook else None
     print("| method | wall s | CPU s | rel-out | out-SQNR dB | speed-up vs textbook |")
     print("|---|---|---|---|---|---|")

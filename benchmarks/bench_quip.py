@@ -26,7 +26,7 @@ from cq.state import LayerState, PerGroup, PerRow
 from cq.transforms import ScaleConfig, absmax_scale, rel_output_error, round_to_nearest, w8a8_output_error
 from cq.transforms.convrot import convrot
 from cq.transforms.gptq import GPTQConfig, gptq_update
-from cq.transforms.incoherence import incoherence_reconstruct
+from cq.transforms.rounding import reconstruct as incoherence_reconstruct
 from cq.transforms.quip import QuIPConfig, quip_pipeline
 from cq.synthetic import outlier_layer as synthetic_outlier_layer
 

@@ -365,7 +365,7 @@ def attach_calibration(state: LayerState, calibration: Calibration, *, layer: st
     if tuple(h.shape) != (k, k):
         raise InputError(f"{state.name}: the calibration Hessian of {layer} is {list(h.shape)}, the weight has "
                          f"in_features={k}; the file was captured from a different model")
-    if state.rotation is not None:
+    if state.basis is not None:
         raise InputError(f"{state.name}: attach the calibration before rotating the layer (the file holds "
                          "original-basis Hessians)")
     return record(state, "attach_calibration", None, meta=meta, hessian=h)

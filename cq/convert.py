@@ -111,7 +111,7 @@ def _convert_layer(stem: str, w: torch.Tensor, d, cfg: ConvertConfig, hessians: 
 
     h, h_note = hessians(stem, w.shape[1])
     state = LayerState.from_weight(stem, w.to(torch.float32), hessian=h,
-                                   meta={"notes": (h_note,)} if h_note else None)
+                                   notes=(h_note,) if h_note else ())
     int8 = (d.target or cfg.target) == "int8"
     pipe = _layer_pipeline(cfg, d, pipes).then(
         measure_stage(state, cfg.metrics_tokens if int8 else 0, cfg.seed, cfg.backend))
@@ -126,7 +126,7 @@ def _convert_layer(stem: str, w: torch.Tensor, d, cfg: ConvertConfig, hessians: 
     entry = None if label is None else decode_comfy_quant(label, name=stem)  # what ComfyUI will read
     report = LayerReport(name=stem, action="quantize", reason=d.reason,
                          format=(entry or {}).get("format", out.format), shape=tuple(w.shape), scale_shape=None if scale_t is None else tuple(scale_t.shape),
-                         metrics=dict(out.meta.get("metrics", {})), notes=out.notes)
+                         metrics=dict(out.metrics), notes=out.notes)
     return tensors, report, entry
 
 

@@ -67,8 +67,8 @@ def metrics_inputs(state: LayerState, tokens: int, seed: int) -> torch.Tensor | 
     h = state.hessian
     if h is None:
         return z.to(torch.float32)
-    if state.rotation is not None:  # the Hessian is in the rotated basis; inputs are in the original one
-        h = state.rotation.unrotate(state.rotation.unrotate(h.to(torch.float32)).t())
+    if state.basis is not None:  # the Hessian is in the working basis; inputs are in the original one
+        h = state.basis.hessian_to_original(h.to(torch.float32))
     cov = h.to(torch.float64) / 2
     cov = cov + torch.eye(k, dtype=torch.float64) * (1e-8 * float(cov.diagonal().mean().clamp(min=1e-30)))
     chol, info = torch.linalg.cholesky_ex(cov)

@@ -18,7 +18,7 @@ __all__ = [
     "PerRow",
     "PerBlock",
     "PerGroup",
-    "InputRotation",
+    "Basis",
     "LayerState",
     "record",
 ]
@@ -81,22 +81,40 @@ Granularity = PerTensor | PerRow | PerBlock | PerGroup
 
 
 # ---------------------------------------------------------------------------------------------
-# Input rotations: a stored weight ``W' = W · R`` with orthogonal ``R`` is used at runtime as
-# ``y = (x · R) · W'ᵀ``; ``unrotate_weight`` maps ``W'`` back to the original basis (``W' · Rᵀ``).
+# The working basis: a layer may be quantized in a rotated basis ``W' = B(W)``. One protocol covers
+# both kinds cq uses: ConvRot (one-sided ``W·R``, which ComfyUI applies to activations at runtime, so
+# the file stores the rotated codes natively) and QuIP's two-sided incoherence ``U·W·Vᵀ`` (no runtime
+# support: the layer is mapped back, or stored with its extra tensors for a custom loader).
 
 
 @runtime_checkable
-class InputRotation(Protocol):
-    """An orthogonal rotation ``R`` of the input dimension, applied to weights and activations."""
+class Basis(Protocol):
+    """A change of basis of one layer's weight, with its exact inverse.
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``x · R`` for ``x`` of shape ``[..., K]``."""
+    ``native``: ComfyUI's runtime applies this basis to the activations (``activations``) when the
+    layer's ``.comfy_quant`` carries ``comfy_fields()``; only then can the rotated codes be stored as
+    an ordinary ComfyUI layer.
+    """
 
-    def unrotate(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``x · Rᵀ`` for ``x`` of shape ``[..., K]``."""
+    native: bool
+
+    def to_working(self, w: torch.Tensor) -> torch.Tensor:
+        """Original-basis weight ``[N, K]`` (or any ``[..., K]`` delta) → working basis."""
+
+    def to_original(self, w: torch.Tensor) -> torch.Tensor:
+        """Working-basis weight → original basis (exact inverse of :meth:`to_working`)."""
+
+    def hessian_to_working(self, h: torch.Tensor) -> torch.Tensor:
+        """``[K, K]`` Hessian of the original basis → working basis (keeps ``tr(W H Wᵀ)``)."""
+
+    def hessian_to_original(self, h: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`hessian_to_working`."""
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """What the runtime does to input rows ``[T, K]`` before the int8 matmul (native bases only)."""
 
     def comfy_fields(self) -> Mapping[str, Any]:
-        """Entries this rotation adds to the layer's ``.comfy_quant`` JSON (empty if not native)."""
+        """Entries this basis adds to the layer's ``.comfy_quant`` (empty when not native)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,9 +151,11 @@ class LayerState:
     codes: torch.Tensor | None = None  # int8 [N, K] in the working basis
     scale: torch.Tensor | None = None  # float32, shape given by `granularity`
     granularity: Granularity | None = None
-    rotation: InputRotation | None = None  # working basis = original basis · R
+    basis: Basis | None = None  # working weight = basis.to_working(original)
     format: str | None = None  # output label, e.g. "int8_tensorwise" or "fp16"
-    meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_mapping)
+    metrics: Mapping[str, float] = attrs.field(factory=dict, converter=_freeze_mapping)  # see transforms.metrics
+    notes: tuple[str, ...] = attrs.field(default=(), converter=tuple)  # fallbacks and surprises, for the report
+    meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_freeze_mapping)  # free-form user data
     history: tuple[tuple[str, Any], ...] = ()  # (stage name, config) in the order applied
 
     @classmethod
@@ -146,19 +166,29 @@ class LayerState:
         *,
         bias: torch.Tensor | None = None,
         hessian: torch.Tensor | None = None,
+        notes: tuple[str, ...] = (),
         meta: Mapping[str, Any] | None = None,
     ) -> "LayerState":
         """Start a pipeline from a float weight; ``original`` is set to the same tensor."""
-        return cls(name=name, weight=weight, original=weight, bias=bias, hessian=hessian, meta=meta)
+        return cls(name=name, weight=weight, original=weight, bias=bias, hessian=hessian, notes=notes, meta=meta)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
-    @property
-    def notes(self) -> tuple[str, ...]:
-        """Human-readable notes transforms left for the report (fallbacks, damping increases)."""
-        return tuple(self.meta.get("notes", ()))
+    def to(self, device: torch.device | str) -> "LayerState":
+        """The same state with every tensor on ``device`` (the basis and configs stay as they are).
+
+        Example:
+            >>> LayerState.from_weight("fc", torch.ones(1, 1)).to("cpu").weight.device.type
+            'cpu'
+        """
+        dev = torch.device(device)
+        moved = {f: getattr(self, f).to(dev) for f in ("weight", "original", "bias", "hessian", "codes", "scale")
+                 if getattr(self, f) is not None and getattr(self, f).device != dev}
+        if "weight" in moved and self.original is self.weight:
+            moved["original"] = moved["weight"]
+        return attrs.evolve(self, **moved) if moved else self
 
     def stage_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.history)
@@ -168,15 +198,17 @@ class LayerState:
             return None if x is None else f"{str(x.dtype).replace('torch.', '')}{list(x.shape)}"
 
         return (f"LayerState(name={self.name!r}, weight={t(self.weight)}, codes={t(self.codes)}, "
-                f"scale={t(self.scale)}, granularity={self.granularity!r}, format={self.format!r}, "
+                f"scale={t(self.scale)}, granularity={self.granularity!r}, basis={self.basis!r}, format={self.format!r}, "
                 f"hessian={t(self.hessian)}, stages={list(self.stage_names())})")
 
 
 def record(state: LayerState, stage: str, config: Any = None, *, note: str | None = None,
+           notes: tuple[str, ...] = (), metrics: Mapping[str, float] | None = None,
            meta: Mapping[str, Any] | None = None, **changes: Any) -> LayerState:
     """Return ``state`` evolved with ``changes``, ``(stage, config)`` appended to its history.
 
-    ``meta`` entries are merged into the existing metadata; ``note`` is appended to ``meta["notes"]``.
+    ``metrics`` and ``meta`` entries are merged into the existing ones; ``note`` / ``notes`` are
+    appended to ``state.notes``.
 
     Example:
         >>> import torch
@@ -184,9 +216,11 @@ def record(state: LayerState, stage: str, config: Any = None, *, note: str | Non
         >>> record(s, "noop", note="nothing to do").notes
         ('nothing to do',)
     """
-    new_meta = dict(state.meta)
     if meta:
-        new_meta.update(meta)
-    if note:
-        new_meta["notes"] = tuple(new_meta.get("notes", ())) + (note,)
-    return attrs.evolve(state, meta=new_meta, history=state.history + ((stage, config),), **changes)
+        changes["meta"] = {**state.meta, **meta}
+    if metrics:
+        changes["metrics"] = {**state.metrics, **metrics}
+    added = tuple(notes) + ((note,) if note else ())
+    if added:
+        changes["notes"] = state.notes + added
+    return attrs.evolve(state, history=state.history + ((stage, config),), **changes)

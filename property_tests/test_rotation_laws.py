@@ -93,7 +93,7 @@ def test_convrot_is_orthogonal_and_keeps_the_proxy_loss(groups, g, seed):
     x = _rand((32, k), seed + 1)  # a low-rank H is enough for the trace law and keeps this cheap
     h = (x.T @ x).to(torch.float32)
     s = convrot(LayerState.from_weight("fc", w.float(), hessian=h), cfg=ConvRotConfig(groupsize=g))
-    rot = s.rotation
+    rot = s.basis
     assert rot == ConvRot(g)
     assert torch.allclose(rot.unrotate(rot.rotate(w)), w, atol=1e-12)
     assert torch.allclose(torch.linalg.matrix_norm(rot.rotate(w)), torch.linalg.matrix_norm(w), rtol=1e-12)

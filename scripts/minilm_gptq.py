@@ -209,13 +209,13 @@ def quantize_model(model, hessians, method: str, *, w8a8: bool = False):
             st = ldlq(st, cfg=LDLQConfig())
         elif method != "quip":
             raise ValueError(f"unknown method {method!r}")
-        metrics[name] = dict(st.meta.get("metrics", {}))
+        metrics[name] = dict(st.metrics)
         if st.hessian is not None:
             metrics[name]["rel_out_h"] = rel_output_error(st.original, reconstruct(st), hessian=hessians[name].hessian)
         if w8a8:
             parent_name, _, child = name.rpartition(".")
             parent = q_model.get_submodule(parent_name) if parent_name else q_model
-            setattr(parent, child, W8A8Linear(st.codes, st.scale, mod.bias, st.rotation))
+            setattr(parent, child, W8A8Linear(st.codes, st.scale, mod.bias, st.basis))
         else:
             with torch.no_grad():
                 mod.weight.copy_(reconstruct(st).to(mod.weight.dtype))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cq.errors import ConfigError, CqError
 from cq.kernels import int8_linear
-from cq.state import InputRotation, LayerState
+from cq.state import Basis, LayerState
 from cq.transforms import absmax_scale, reconstruct, round_to_nearest, w8a8_output_error
 from cq.transforms.convrot import ConvRot, ConvRotConfig, convrot, convrot_groupsizes, rotate_hessian
 
@@ -32,7 +32,7 @@ def _layer(n=48, k=512, seed=0, hessian=True):
 @pytest.mark.parametrize("g", [16, 64, 256, 1024])
 def test_convrot_is_an_input_rotation_with_comfy_fields(g):
     r = ConvRot(g)
-    assert isinstance(r, InputRotation)
+    assert isinstance(r, Basis)
     assert dict(r.comfy_fields()) == {"convrot": True, "convrot_groupsize": g}
     x = torch.randn(3, 2 * g, generator=_gen(g), dtype=F64)
     m = r.matrix(2 * g)
@@ -83,8 +83,8 @@ def test_convrot_transform_rotates_weight_and_hessian_consistently():
     w0, h0 = s.weight.clone(), s.hessian.clone()
     r = convrot(s, cfg=ConvRotConfig(groupsize=64))
     assert torch.equal(s.weight, w0) and torch.equal(s.hessian, h0)  # inputs never modified
-    assert r.rotation == ConvRot(64) and r.original is s.weight
-    m = r.rotation.matrix(512)
+    assert r.basis == ConvRot(64) and r.original is s.weight
+    m = r.basis.matrix(512)
     assert torch.allclose(r.weight.to(F64), w0.to(F64) @ m, atol=1e-6)
     assert torch.allclose(r.hessian.to(F64), m.T @ h0.to(F64) @ m, rtol=1e-5, atol=1e-4)
     tr0 = float(torch.trace(w0.to(F64) @ h0.to(F64) @ w0.to(F64).T))
@@ -103,14 +103,14 @@ def test_rotate_hessian_keeps_dtype_and_symmetry():
 @pytest.mark.parametrize("k, expected", [(512, 256), (320, 64), (3 * 16, 16), (768, 256)])
 def test_auto_groupsize_picks_the_largest_of_256_64_16(k, expected):
     r = convrot(LayerState.from_weight("fc", torch.randn(4, k, generator=_gen(k))))
-    assert r.rotation == ConvRot(expected)
+    assert r.basis == ConvRot(expected)
     assert ConvRotConfig().groupsize == "auto"
 
 
 def test_auto_leaves_a_layer_whose_width_is_not_a_multiple_of_16_unrotated_with_a_note():
     s = LayerState.from_weight("fc", torch.randn(4, 24, generator=_gen(0)))
     r = convrot(s)
-    assert r.rotation is None and r.weight is s.weight
+    assert r.basis is None and r.weight is s.weight
     assert r.notes == ("ConvRot skipped: in_features=24 is not a multiple of 16; layer left unrotated",)
 
 
@@ -139,7 +139,7 @@ def _quantized_tensor(state):
     tensor_mod = pytest.importorskip("comfy_kitchen.tensor")
     layout = tensor_mod.get_layout_class("TensorWiseINT8Layout")
     params = layout.Params(scale=state.scale, orig_dtype=torch.float32, orig_shape=tuple(state.shape),
-                           **dict(state.rotation.comfy_fields()))
+                           **dict(state.basis.comfy_fields()))
     return tensor_mod.QuantizedTensor(state.codes, "TensorWiseINT8Layout", params)
 
 
@@ -158,7 +158,7 @@ def test_comfy_kitchen_forward_matches_cqs_w8a8_model():
     qt = _quantized_tensor(s)
     x = torch.randn(32, 512, generator=_gen(6))
     y_ck = F.linear(x, qt).float()
-    y_cq = int8_linear(s.rotation.rotate(x), s.codes, s.scale)
+    y_cq = int8_linear(s.basis.rotate(x), s.codes, s.scale)
     assert torch.allclose(y_ck, y_cq, rtol=1e-5, atol=1e-5)
     ref = x.to(F64) @ s.original.to(F64).T
     err_ck = float((y_ck.to(F64) - ref).norm() / ref.norm())

@@ -51,7 +51,7 @@ def test_no_hessian_is_rtn_with_a_note():
     out = gptq_update(s)
     assert torch.equal(out.codes, round_to_nearest(s).codes)
     assert out.notes == ("no calibration: H = I, gptq_update equals round-to-nearest",)
-    m = out.meta["metrics"]
+    m = out.metrics
     assert m["rel_out_h"] == m["rel_out_rtn_h"] == pytest.approx(
         rel_output_error(w, working_dequantized(out), hessian=torch.eye(16)), rel=1e-9)
 
@@ -69,7 +69,7 @@ def test_proxy_loss_never_above_rtn_on_random_problems(seed, granularity):
 def test_achieved_loss_within_15_percent_of_uniform_error_prediction():
     w, h, _ = problem(256, 512, 4096, 11)
     out = gptq_update(scaled(w, h))
-    m = out.meta["metrics"]
+    m = out.metrics
     assert m["rel_out_h"] == pytest.approx(proxy(out), rel=1e-6)
     assert abs(m["rel_out_h"] / m["predicted_rel_out"] - 1) <= 0.15
     assert abs(m["rel_out_rtn_h"] / m["predicted_rel_out_rtn"] - 1) <= 0.15
@@ -118,7 +118,7 @@ def test_float32_path_close_to_float64():
     f64 = gptq_update(s, cfg=GPTQConfig(precision="float64"))
     f32 = gptq_update(s, cfg=GPTQConfig(precision="float32"))
     assert (f64.codes != f32.codes).float().mean() < 0.01
-    assert f32.meta["metrics"]["rel_out_h"] == pytest.approx(f64.meta["metrics"]["rel_out_h"], rel=0.01)
+    assert f32.metrics["rel_out_h"] == pytest.approx(f64.metrics["rel_out_h"], rel=0.01)
 
 
 def test_inputs_never_modified_and_contract_kept():
@@ -203,7 +203,7 @@ def test_config_validation(kwargs):
 def test_bf16_weight_is_accepted():
     w, h, _ = problem(8, 32, 128, 12)
     out = gptq_update(scaled(w.to(torch.bfloat16), h))
-    assert out.meta["metrics"]["rel_out_h"] <= out.meta["metrics"]["rel_out_rtn_h"]
+    assert out.metrics["rel_out_h"] <= out.metrics["rel_out_rtn_h"]
 
 
 # --- converter and pipeline -------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_converter_options_and_warnings():
     with pytest.raises(InputError):
         GPTQInt8Converter().convert(torch.randn(3, 4, 5))
     state = GPTQInt8Converter().convert_state(torch.randn(4, 8), torch.eye(8), name="x.fc")
-    assert state.name == "x.fc" and "rel_out_h" in state.meta["metrics"]
+    assert state.name == "x.fc" and "rel_out_h" in state.metrics
 
 
 def test_gptq_pipeline_with_metrics_inputs_records_w8a8():
@@ -246,6 +246,6 @@ def test_gptq_pipeline_with_metrics_inputs_records_w8a8():
     pipe = gptq_pipeline(granularity=PerRow(), gptq=GPTQConfig(actorder=True), metrics_x=x[:64])
     assert pipe.names[-1] == "measure"
     out = pipe(LayerState.from_weight("blk.fc", w, hessian=h))
-    m = out.meta["metrics"]
+    m = out.metrics
     assert {"rel_out_h", "rel_out_rtn_h", "predicted_rel_out", "w8a8", "rel_out_x"} <= set(m)
     assert math.isfinite(m["w8a8"]) and m["rel_out_h"] < m["rel_out_rtn_h"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cq.transforms.rounding import reconstruct
+
 from cq.errors import ConfigError, CqError
 from cq.state import LayerState
 from cq.transforms import absmax_scale, round_to_nearest
@@ -13,7 +15,6 @@ from cq.transforms.incoherence import (
     Incoherence,
     IncoherenceConfig,
     incoherence,
-    incoherence_reconstruct,
     make_incoherence,
     rescale_factors,
     undo_incoherence,
@@ -94,11 +95,11 @@ def test_incoherence_stage_records_the_transform_and_keeps_the_original():
     w0, h0 = w.clone(), h.clone()
     r = incoherence(s, cfg=IncoherenceConfig(seed=7))
     assert torch.equal(s.weight, w0) and torch.equal(s.hessian, h0)
-    inc = r.meta["incoherence"]
+    inc = r.basis
     assert isinstance(inc, Incoherence) and inc.shape == (32, 64) and inc.perm is not None and inc.d is not None
-    assert r.original is w and r.rotation is None and r.stage_names() == ("incoherence",)
+    assert r.original is w and r.basis is inc and r.stage_names() == ("incoherence",)
     assert r.weight.dtype == torch.float32 and r.hessian.dtype == torch.float32
-    assert torch.allclose(incoherence_reconstruct(r), w, atol=1e-5)
+    assert torch.allclose(reconstruct(r), w, atol=1e-5)
     assert _trace(r.weight, r.hessian) == pytest.approx(_trace(w, h), rel=1e-5)
 
 
@@ -122,7 +123,7 @@ def test_incoherence_spreads_outlier_weights():
 
 def test_without_hessian_the_rescaling_is_skipped_with_a_note():
     r = incoherence(LayerState.from_weight("fc", torch.randn(8, 16)))
-    assert r.hessian is None and r.meta["incoherence"].d is None
+    assert r.hessian is None and r.basis.d is None
     assert r.notes == ("incoherence: no Hessian, diagonal rescaling skipped",)
 
 
@@ -131,7 +132,7 @@ def test_random_orthogonal_path_reconstructs_well():
     w, h = _problem(48, 96, seed=8)
     s = incoherence(LayerState.from_weight("fc", w, hessian=h), cfg=IncoherenceConfig(use_hadamard=False))
     q = round_to_nearest(absmax_scale(s))
-    rel = float((incoherence_reconstruct(q) - w).norm() / w.norm())
+    rel = float((reconstruct(q) - w).norm() / w.norm())
     assert rel < 0.02
 
 
@@ -141,7 +142,7 @@ def test_undo_incoherence_returns_to_the_original_basis():
     back = undo_incoherence(q)
     assert "incoherence" not in back.meta
     assert back.codes is None and back.scale is None and back.format is None
-    assert torch.allclose(back.weight, incoherence_reconstruct(q))
+    assert torch.allclose(back.weight, reconstruct(q))
     assert torch.allclose(back.hessian, h, rtol=1e-4, atol=1e-4)
     assert back.stage_names()[-1] == "undo_incoherence"
     with pytest.raises(CqError, match="needs a state from the incoherence stage"):

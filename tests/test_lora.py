@@ -237,6 +237,24 @@ class _Perm:
     def comfy_fields(self):
         return {}
 
+    # cq.state.Basis over rotate/unrotate (a one-sided input rotation)
+    native = False
+
+    def to_working(self, w):
+        return self.rotate(w)
+
+    def to_original(self, w):
+        return self.unrotate(w)
+
+    def hessian_to_working(self, h):
+        return self.unrotate(self.unrotate(h).T).T  # Rᵀ H R
+
+    def hessian_to_original(self, h):
+        return self.rotate(self.rotate(h).T).T  # R H Rᵀ
+
+    def activations(self, x):
+        return self.rotate(x)
+
 
 def test_transform_merges_into_weight_and_original():
     n, k = 16, 12
@@ -261,7 +279,7 @@ def test_transform_rotates_the_delta_into_the_working_basis():
     n, k = 8, 10
     rot = _Perm(k, seed=1)
     original = _rand(n, k, seed=50)
-    s = LayerState(name="fc", weight=rot.rotate(original), original=original, rotation=rot)
+    s = LayerState(name="fc", weight=rot.rotate(original), original=original, basis=rot)
     a, b = _rand(2, k, seed=51), _rand(n, 2, seed=52)
     out = merge_lora(s, cfg=MergeLoraConfig([(a, b, 2.0, 2)]))
     merged = merge_lora_into_weight(original, a, b, 2.0, 2)

@@ -23,7 +23,7 @@ from cq.transforms import absmax_scale, reconstruct, rel_output_error, round_to_
 from cq.transforms.convrot import ConvRot, convrot
 from cq.transforms.gptq import GPTQConfig, gptq_update
 from cq.transforms.hadamard import sylvester_hadamard
-from cq.transforms.incoherence import incoherence_reconstruct
+from cq.transforms.rounding import reconstruct as incoherence_reconstruct
 from cq.transforms.quip import (
     QUIP_TRANSFORMED_FORMAT,
     QuIPConfig,
@@ -88,7 +88,7 @@ def test_convrot_ldlq_beats_gptq_alone_with_the_real_hessian(outlier_layer, resu
 def test_default_output_is_comfyui_native_convrot(results):
     s = results["quip"]
     assert s.format == "int8_tensorwise" and isinstance(s.granularity, PerRow)
-    assert s.rotation == ConvRot(256) and tuple(s.scale.shape) == (256, 1)
+    assert s.basis == ConvRot(256) and tuple(s.scale.shape) == (256, 1)
     assert s.codes.dtype == torch.int8 and int(s.codes.abs().max()) <= 127
     assert "incoherence" not in s.meta
 
@@ -101,16 +101,16 @@ def test_requant_output_loses_the_gain(outlier_layer, results):
     assert rel["requant"] == pytest.approx(rel["rtn"], rel=0.1)
     assert rel["requant"] > 5 * rel["quip"]
     s = results["requant"]
-    m = s.meta["metrics"]
+    m = s.metrics
     assert m["rel_out_h"] == pytest.approx(rel["requant"], rel=1e-3)
     assert m["rel_out_h_quip"] < 0.2 * m["rel_out_h"]
-    assert s.rotation is None and "incoherence" not in s.meta and s.format == "int8_tensorwise"
+    assert s.basis is None and "incoherence" not in s.meta and s.format == "int8_tensorwise"
 
 
 def test_transformed_output_keeps_the_gain_and_reconstructs(outlier_layer, results):
     w, _, h = outlier_layer
     s = results["transformed"]
-    assert s.format == QUIP_TRANSFORMED_FORMAT and s.meta["incoherence"].perm is None
+    assert s.format == QUIP_TRANSFORMED_FORMAT and s.basis.perm is None
     rel = rel_output_error(w, incoherence_reconstruct(s), hessian=h)
     assert rel < 0.2 * rel_output_error(w, reconstruct(results["gptq"]), hessian=h)
     tensors = {"blk.fc.weight": s.codes, "blk.fc.weight_scale": s.scale, **quip_extra_tensors(s)}
@@ -195,7 +195,7 @@ def test_width_without_convrot_group_falls_back_to_unrotated_ldlq():
     x = torch.randn(256, 40, generator=g)
     s = LayerState.from_weight("fc", torch.randn(8, 40, generator=g), hessian=2 / 256 * x.T @ x)
     r = quip_pipeline()(s)
-    assert r.rotation is None and r.codes is not None
+    assert r.basis is None and r.codes is not None
     assert any("ConvRot skipped" in n for n in r.notes)
 
 
@@ -305,8 +305,8 @@ def test_converter_convrot_output_and_last_state():
     w, h = _small(1)
     c = QuIPInt8Converter(device="cpu", output="convrot")
     r = c.convert(w, h)
-    assert c.last_state.rotation == ConvRot(64)
-    assert torch.allclose(r.dequantized, c.last_state.rotation.unrotate(r.q.float() * r.scale), atol=1e-6)
+    assert c.last_state.basis == ConvRot(64)
+    assert torch.allclose(r.dequantized, c.last_state.basis.unrotate(r.q.float() * r.scale), atol=1e-6)
     assert float((r.dequantized - w).norm() / w.norm()) < 0.012
     c.cleanup()
     assert c.last_state is None

@@ -15,4 +15,4 @@ def test_readme_pipeline_example_runs():
     assert s.format == "int8_tensorwise" and tuple(s.scale.shape) == (256, 1)
     assert s.stage_names() == ("absmax_scale", "round_to_nearest", "measure")
     assert ns["p2"](s).scale.shape == ()
-    assert "w8a8" in ns["p3"](s).meta["metrics"]
+    assert "w8a8" in ns["p3"](s).metrics

@@ -107,7 +107,7 @@ def test_w8a8_matches_float64_emulation():
 def test_measure_records_metrics():
     w = _w()
     x = torch.randn(16, 96, generator=torch.Generator().manual_seed(3))
-    m = measure(_rtn(w, PerRow()), cfg=MetricsConfig(x=x)).meta["metrics"]
+    m = measure(_rtn(w, PerRow()), cfg=MetricsConfig(x=x)).metrics
     assert set(m) == {"mse", "sqnr_db", "max_error", "rel_out_x", "w8a8"}
     # per-row INT8 on Gaussian rows: about 41 dB weight SQNR (algorithms.md §9.1; fewer columns here)
     assert 36 < m["sqnr_db"] < 46
@@ -119,7 +119,7 @@ def test_measure_matches_float64_oracles_across_row_blocks(gran):
     w = _w((1100, 80), seed=7)  # 1100 rows: three row blocks of measure()'s chunked path
     x = torch.randn(24, 80, generator=torch.Generator().manual_seed(8))
     s = _rtn(w, gran)
-    m = measure(s, cfg=MetricsConfig(x=x)).meta["metrics"]
+    m = measure(s, cfg=MetricsConfig(x=x)).metrics
     e = w.double() - reconstruct(s).double()
     assert m["sqnr_db"] == pytest.approx(10 * math.log10(float((w.double() ** 2).sum() / (e ** 2).sum())), abs=1e-4)
     assert m["max_error"] == pytest.approx(float(e.abs().max()), rel=1e-6)

@@ -8,7 +8,7 @@ Output mode. Bare tensors carry no rotation flag, so the converter's default is 
 ``"requant"`` (codes in the original basis: safe to write as plain ``int8_tensorwise``, but no better
 than round-to-nearest). Pass ``output="convrot"`` for cq's ComfyUI-native mode, which keeps QuIP's
 gain: the codes are then in the ConvRot basis and must be written with
-``converter.last_state.rotation.comfy_fields()`` (``"convrot": true, "convrot_groupsize": G``), e.g.
+``converter.last_state.basis.comfy_fields()`` (``"convrot": true, "convrot_groupsize": G``), e.g.
 with ``cq.io.layer_tensors(converter.last_state)``. ``store_transformed=True`` gives the two-sided
 transformed codes with ``s_u``/``s_v`` (see :func:`cq.transforms.quip.quip_extra_tensors`). The
 model-level facade ``convert_to_int8(optimizer="quip")`` and the CLI default to ``"convrot"``.
@@ -23,8 +23,9 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..state import LayerState
-from ..transforms.incoherence import incoherence_reconstruct
+
 from ..transforms.quip import QuIPConfig, quip_pipeline
+from ..transforms.rounding import reconstruct
 
 __all__ = ["QuIPInt8Converter", "QuIPResult"]
 
@@ -86,7 +87,7 @@ class QuIPInt8Converter:
     Example:
         >>> c = QuIPInt8Converter(device="cpu", output="convrot")
         >>> r = c.convert(torch.randn(8, 64))
-        >>> r.q.dtype, tuple(r.scale.shape), c.last_state.rotation
+        >>> r.q.dtype, tuple(r.scale.shape), c.last_state.basis
         (torch.int8, (8, 1), ConvRot(groupsize=64))
     """
 
@@ -155,11 +156,11 @@ class QuIPInt8Converter:
         h = None if H is None else H.detach().to(self.device, torch.float32)
         state = self.pipeline(LayerState.from_weight("weight", w, hessian=h))
         self.last_state = state
-        deq = incoherence_reconstruct(state).cpu()
+        deq = reconstruct(state).cpu()
         q = state.codes.cpu()
         scale = state.scale.to(torch.float32).cpu()
         if self.cfg.resolved_output == "transformed":
-            inc = state.meta["incoherence"]
+            inc = state.basis
             n, k = state.shape
             s_u = inc.u.signs.to(torch.float32) if inc.u.signs is not None else torch.ones(n)
             s_v = inc.v.signs.to(torch.float32) if inc.v.signs is not None else torch.ones(k)

@@ -72,16 +72,15 @@ def _format_label(state: LayerState, legacy_axiswise: bool) -> str:
     return fmt
 
 
-def _rotation_fields(state: LayerState) -> dict[str, Any]:
-    if state.rotation is None:
-        return {}
-    fields = dict(state.rotation.comfy_fields())
-    if not fields:
+def _basis_fields(state: LayerState) -> dict[str, Any]:
+    if state.basis is None or state.format == QUIP_TRANSFORMED:
+        return {}  # a transformed QuIP layer describes its basis with extra tensors instead
+    fields = dict(state.basis.comfy_fields())
+    if not state.basis.native or not fields:
         # The stored weight is in the rotated basis; without a flag ComfyUI would multiply
         # un-rotated activations by it and produce garbage with no error.
-        raise CqError(f"{state.name}: its rotation {type(state.rotation).__name__} has no ComfyUI-native "
-                      "form (comfy_fields() is empty); use a convrot rotation, or requantize in the "
-                      "original basis before writing")
+        raise CqError(f"{state.name}: its basis {type(state.basis).__name__} has no ComfyUI-native "
+                      "form; use a convrot rotation, or requantize in the original basis before writing")
     return fields
 
 
@@ -103,7 +102,7 @@ def comfy_quant_entry(state: LayerState, *, full_precision_matrix_mult: bool = F
     entry: dict[str, Any] = {"format": fmt}
     if fmt == "int8_blockwise":
         entry["group_size"] = state.granularity.size
-    entry.update(_rotation_fields(state))
+    entry.update(_basis_fields(state))
     if full_precision_matrix_mult:
         entry["full_precision_matrix_mult"] = True
     return entry
@@ -169,7 +168,7 @@ def layer_tensors(state: LayerState, *, comfy: bool = True, legacy_axiswise: boo
     name = state.name
     out: dict[str, torch.Tensor] = {}
     if state.format == "fp16":
-        if state.rotation is not None:
+        if state.basis is not None:
             raise CqError(f"{name}: an fp16 layer cannot carry a rotation; cast before rotating")
         out[f"{name}.weight"] = state.weight.detach().cpu().to(torch.float16).contiguous()
     else:

@@ -13,7 +13,7 @@ from .hadamard import (KroneckerOrthogonal, hadamard_matrix, hadamard_transform,
                        orthogonal_transform, paley_hadamard, random_orthogonal, randomized_hadamard_transform,
                        regular_hadamard, sylvester_hadamard, transform_plan)
 from .hessian import DampingConfig
-from .incoherence import Incoherence, IncoherenceConfig, incoherence, incoherence_reconstruct, undo_incoherence
+from .incoherence import Incoherence, IncoherenceConfig, incoherence, undo_incoherence
 from .ldlq import LDLQConfig, ldlq
 from .lora import LoraFactors, MergeLoraConfig, merge_lora
 from .metrics import (MetricsConfig, measure, mse, rel_output_error, sqnr_db, w8a8_output_error, weight_metrics)
@@ -31,7 +31,7 @@ __all__ = [
     "sylvester_hadamard", "paley_hadamard", "regular_hadamard", "KroneckerOrthogonal", "kron_apply",
     "random_orthogonal", "transform_plan", "is_hadamard_order",
     "ConvRot", "ConvRotConfig", "convrot", "convrot_groupsizes", "rotate_hessian",
-    "IncoherenceConfig", "Incoherence", "incoherence", "undo_incoherence", "incoherence_reconstruct",
+    "IncoherenceConfig", "Incoherence", "incoherence", "undo_incoherence",
     "QuIPConfig", "quip_pipeline", "quip_config_from_legacy", "quip_extra_tensors", "quip_ldlq",
     "LoraFactors", "MergeLoraConfig", "merge_lora",
 ]

@@ -54,7 +54,7 @@ def _groupsize_validator(instance, attribute, value):
 
 @attrs.frozen
 class ConvRot:
-    """The input rotation ``R = blockdiag(H_G)``; implements :class:`cq.state.InputRotation`.
+    """The input rotation ``R = blockdiag(H_G)``; a native :class:`cq.state.Basis` (``W' = W·R``).
 
     Example:
         >>> r = ConvRot(16)
@@ -64,6 +64,8 @@ class ConvRot:
     """
 
     groupsize: int = attrs.field(validator=_groupsize_validator)
+    #: ComfyUI rotates activations by ``R`` at runtime when ``.comfy_quant`` says ``convrot``.
+    native = True
 
     @classmethod
     def for_features(cls, k: int, groupsize: int, *, layer: str = "layer") -> "ConvRot":
@@ -97,6 +99,22 @@ class ConvRot:
     def comfy_fields(self) -> Mapping[str, Any]:
         return {"convrot": True, "convrot_groupsize": self.groupsize}
 
+    # -- cq.state.Basis --------------------------------------------------------------------
+    def to_working(self, w: torch.Tensor) -> torch.Tensor:
+        return self._apply(w)
+
+    def to_original(self, w: torch.Tensor) -> torch.Tensor:
+        return self._apply(w)
+
+    def hessian_to_working(self, h: torch.Tensor) -> torch.Tensor:
+        return rotate_hessian(h, self)
+
+    def hessian_to_original(self, h: torch.Tensor) -> torch.Tensor:
+        return rotate_hessian(h, self)  # R is symmetric and its own inverse
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotate(x)
+
     def matrix(self, k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense ``k × k`` block-diagonal ``R`` (tests and small layers only)."""
         if k % self.groupsize:
@@ -125,7 +143,7 @@ class ConvRotConfig:
 
 
 def rotate_hessian(hessian: torch.Tensor, rotation) -> torch.Tensor:
-    """``Rᵀ H R``, symmetrized, returned in ``hessian``'s dtype (``rotation``: any InputRotation).
+    """``Rᵀ H R``, symmetrized, returned in ``hessian``'s dtype (``rotation``: anything with ``rotate``, e.g. :class:`ConvRot`).
 
     Computed in float64 up to K = 4096 and in float32 above (:func:`~cq.transforms.hadamard.hessian_dtype`).
 
@@ -141,7 +159,7 @@ def convrot(state: LayerState, *, cfg: ConvRotConfig = ConvRotConfig()) -> Layer
     """Rotate the layer's input basis with ConvRot: ``weight → W·R``, ``hessian → Rᵀ H R``.
 
     ``original`` stays the original-basis weight (what metrics compare against) and
-    ``state.rotation`` is set, so :func:`~cq.transforms.rounding.reconstruct` and the file writer
+    ``state.basis`` is set, so :func:`~cq.transforms.rounding.reconstruct` and the file writer
     (``.comfy_quant`` gets ``convrot``/``convrot_groupsize``) know about it. Put it before the scale
     and rounding stages.
 
@@ -149,14 +167,14 @@ def convrot(state: LayerState, *, cfg: ConvRotConfig = ConvRotConfig()) -> Layer
         >>> from cq.transforms import absmax_scale, round_to_nearest, reconstruct
         >>> w = torch.randn(4, 64)
         >>> s = round_to_nearest(absmax_scale(convrot(LayerState.from_weight("fc", w))))
-        >>> s.rotation, float((reconstruct(s) - w).abs().max()) < 0.05
+        >>> s.basis, float((reconstruct(s) - w).abs().max()) < 0.05
         (ConvRot(groupsize=64), True)
     """
     if state.codes is not None:
         raise CqError(f"{state.name}: convrot must come before quantization (the state already has codes); "
                       "put convrot before absmax_scale/round_to_nearest in the pipeline")
-    if state.rotation is not None or "incoherence" in state.meta:
-        raise CqError(f"{state.name}: the layer is already rotated ({state.rotation!r}); apply one rotation only")
+    if state.basis is not None:
+        raise CqError(f"{state.name}: the layer is already rotated ({state.basis!r}); apply one rotation only")
     n, k = state.shape
     if cfg.groupsize == "auto":
         choices = [g for g in AUTO_GROUPSIZES if k % g == 0]
@@ -170,4 +188,4 @@ def convrot(state: LayerState, *, cfg: ConvRotConfig = ConvRotConfig()) -> Layer
     w_rot = rot.rotate(w if w.dtype in (torch.float32, torch.float64) else w.to(torch.float32))
     h = None if state.hessian is None else rotate_hessian(state.hessian, rot)
     original = state.original if state.original is not None else state.weight
-    return record(state, "convrot", cfg, weight=w_rot, hessian=h, original=original, rotation=rot)
+    return record(state, "convrot", cfg, weight=w_rot, hessian=h, original=original, basis=rot)

@@ -57,7 +57,7 @@ class GPTQConfig:
     ``precision``: ``"auto"`` (float64 while cheap, float32 for big layers; see
     :func:`~cq.transforms.hessian.working_dtype`), ``"float32"``, ``"float64"``.
     ``never_worse_than_rtn``: keep round-to-nearest when GPTQ's proxy loss on the undamped
-    Hessian comes out higher (needs ``metrics``). ``metrics``: record ``rel_out_h``,
+    Hessian comes out higher (needs ``metrics``). ``state.metrics``: record ``rel_out_h``,
     ``rel_out_rtn_h``, ``predicted_rel_out`` (one extra ``[3N, K] × [K, K]`` product).
     ``backend``: kernel for the round-to-nearest paths.
 
@@ -93,7 +93,7 @@ def gptq_update(state: LayerState, *, cfg: GPTQConfig = GPTQConfig()) -> LayerSt
 
     Needs scales (``absmax_scale`` before it); uses ``state.hessian`` (``None``: ``H = I``, which
     makes GPTQ exactly round-to-nearest, noted). Never changes ``state.weight``. Records in
-    ``meta["metrics"]``: ``rel_out_h`` (achieved, undamped H), ``rel_out_rtn_h`` (RTN with the
+    ``state.metrics``: ``rel_out_h`` (achieved, undamped H), ``rel_out_rtn_h`` (RTN with the
     same scales), ``predicted_rel_out`` (uniform-error prediction from the LDL of the damped H),
     ``predicted_rel_out_rtn``, ``damp`` (relative), ``cholesky_tries``. A Hessian that cannot be
     factored even after the damping retries, or that holds NaN/Inf, gives round-to-nearest codes
@@ -104,7 +104,7 @@ def gptq_update(state: LayerState, *, cfg: GPTQConfig = GPTQConfig()) -> LayerSt
         >>> g = torch.Generator().manual_seed(0)
         >>> x = torch.randn(256, 16, generator=g) @ torch.randn(16, 16, generator=g)
         >>> s = LayerState.from_weight("fc", torch.randn(8, 16, generator=g), hessian=2 / 256 * x.T @ x)
-        >>> m = gptq_update(absmax_scale(s)).meta["metrics"]
+        >>> m = gptq_update(absmax_scale(s)).metrics
         >>> m["rel_out_h"] < m["rel_out_rtn_h"]
         True
 

@@ -481,12 +481,9 @@ def feedback_round(state: LayerState, cfg, *, stage: str, solve) -> LayerState:
     h = state.hessian
     grouped = not isinstance(state.granularity, (PerTensor, PerRow))
     notes: list[str] = []
-    metrics = dict(state.meta.get("metrics", {}))
 
     def finish(codes, extra_metrics):
-        metrics.update(extra_metrics)
-        all_notes = tuple(state.meta.get("notes", ())) + tuple(notes)
-        return record(state, stage, cfg, meta={"metrics": metrics, "notes": all_notes}, codes=codes, format=fmt)
+        return record(state, stage, cfg, metrics=extra_metrics, notes=tuple(notes), codes=codes, format=fmt)
 
     def rtn_metrics(hh):
         if not cfg.metrics:

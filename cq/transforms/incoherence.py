@@ -15,13 +15,15 @@ The inverse undoes the steps in reverse order: ``W₂ = W'[:, π⁻¹]``, ``W₁
 path returned garbage).
 
 ComfyUI can only rotate activations on the input side (ConvRot), so a two-sided state cannot be
-written natively: :class:`~cq.state.LayerState.rotation` stays ``None`` and the transform lives in
-``state.meta["incoherence"]`` (an :class:`Incoherence` record). Map results back with
-:func:`incoherence_reconstruct` or :func:`undo_incoherence`, or store them with
+written natively: the transform is the layer's ``state.basis`` (an :class:`Incoherence`, whose
+``native`` is False). Map results back with
+:func:`~cq.transforms.rounding.reconstruct` or :func:`undo_incoherence`, or store them with
 :func:`cq.transforms.quip.quip_extra_tensors` for a custom loader.
 """
 
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import attrs
 import torch
@@ -29,10 +31,10 @@ import torch
 from ..errors import ConfigError, CqError
 from ..state import LayerState, record
 from .hadamard import KroneckerOrthogonal, hessian_dtype, orthogonal_transform
-from .rounding import working_dequantized
+from .rounding import reconstruct
 
 __all__ = ["IncoherenceConfig", "Incoherence", "make_incoherence", "incoherence", "undo_incoherence",
-           "incoherence_reconstruct", "rescale_factors"]
+           "rescale_factors"]
 
 #: The reference's clamp for the diagonal rescaling factors (QuIP's ``(diag H / diag WᵀW)^¼``).
 RESCALE_CLAMP = (0.1, 10.0)
@@ -83,6 +85,9 @@ class Incoherence:
         >>> bool(torch.allclose(inc.inverse_weight(inc.forward_weight(w)), w))
         True
     """
+
+    #: ComfyUI cannot rotate a layer's outputs: a two-sided basis is never stored as a native layer.
+    native = False
 
     u: KroneckerOrthogonal  # output side, size N
     v: KroneckerOrthogonal  # input side, size K
@@ -141,6 +146,26 @@ class Incoherence:
             x = x[self.perm][:, self.perm]
         return x.to(h.dtype).contiguous()
 
+    # -- cq.state.Basis --------------------------------------------------------------------
+    def to_working(self, w: torch.Tensor) -> torch.Tensor:
+        return self.forward_weight(w)
+
+    def to_original(self, w: torch.Tensor) -> torch.Tensor:
+        return self.inverse_weight(w)
+
+    def hessian_to_working(self, h: torch.Tensor) -> torch.Tensor:
+        return self.forward_hessian(h)
+
+    def hessian_to_original(self, h: torch.Tensor) -> torch.Tensor:
+        return self.inverse_hessian(h)
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        raise CqError("a two-sided QuIP basis has no runtime activation path (its output side is rotated "
+                      "too); ComfyUI cannot run it natively")
+
+    def comfy_fields(self) -> Mapping[str, Any]:
+        return {}
+
     def inverse_hessian(self, h: torch.Tensor) -> torch.Tensor:
         """The exact inverse of :meth:`forward_hessian`."""
         x = h.to(hessian_dtype(h.shape[-1]))
@@ -181,22 +206,22 @@ def make_incoherence(n: int, k: int, cfg: IncoherenceConfig = IncoherenceConfig(
 
 
 def incoherence(state: LayerState, *, cfg: IncoherenceConfig = IncoherenceConfig()) -> LayerState:
-    """Rotate weight and Hessian into a seeded incoherent basis (``meta["incoherence"]`` holds the map).
+    """Rotate weight and Hessian into a seeded incoherent basis (``state.basis`` holds the map).
 
     ``original`` keeps the original-basis weight; the Hessian (``None`` stays ``None``: ``V I Vᵀ = I``)
     is transformed consistently so that ``tr(W H Wᵀ)`` is unchanged. Put it before the scale and
-    rounding stages; map results back with :func:`incoherence_reconstruct` / :func:`undo_incoherence`.
+    rounding stages; map results back with :func:`~cq.transforms.rounding.reconstruct` / :func:`undo_incoherence`.
 
     Example:
         >>> w = torch.randn(8, 12)
         >>> s = incoherence(LayerState.from_weight("fc", w), cfg=IncoherenceConfig(seed=3))
-        >>> bool(torch.allclose(incoherence_reconstruct(s), w, atol=1e-5)), s.notes
+        >>> bool(torch.allclose(reconstruct(s), w, atol=1e-5)), s.notes
         (True, ('incoherence: no Hessian, diagonal rescaling skipped',))
     """
     if state.codes is not None:
         raise CqError(f"{state.name}: incoherence must come before quantization (the state already has codes)")
-    if state.rotation is not None or "incoherence" in state.meta:
-        raise CqError(f"{state.name}: the layer is already rotated; apply one rotation only")
+    if state.basis is not None:
+        raise CqError(f"{state.name}: the layer is already rotated ({state.basis!r}); apply one rotation only")
     n, k = state.shape
     note = None
     d = None
@@ -209,38 +234,20 @@ def incoherence(state: LayerState, *, cfg: IncoherenceConfig = IncoherenceConfig
     w = inc.forward_weight(state.weight)
     h = None if state.hessian is None else inc.forward_hessian(state.hessian)
     original = state.original if state.original is not None else state.weight
-    return record(state, "incoherence", cfg, note=note, meta={"incoherence": inc}, weight=w, hessian=h,
-                  original=original)
-
-
-def incoherence_reconstruct(state: LayerState) -> torch.Tensor:
-    """The layer's dequantized weight in the *original* basis (float32 ``[N, K]``).
-
-    For a state without ``meta["incoherence"]`` this is the dequantized working weight, un-rotated
-    by ``state.rotation`` if any (like :func:`~cq.transforms.rounding.reconstruct`).
-    """
-    w = working_dequantized(state)
-    inc = state.meta.get("incoherence")
-    if inc is not None:
-        w = inc.inverse_weight(w)
-    elif state.rotation is not None:
-        w = state.rotation.unrotate(w)
-    return w.to(torch.float32)
+    return record(state, "incoherence", cfg, note=note, basis=inc, weight=w, hessian=h, original=original)
 
 
 def undo_incoherence(state: LayerState) -> LayerState:
     """Map the state back to the original basis; codes (if any) become the dequantized weight.
 
-    ``weight`` becomes :func:`incoherence_reconstruct` (the QuIP reconstruction ``Ŵ``), ``hessian``
+    ``weight`` becomes :func:`~cq.transforms.rounding.reconstruct` (the QuIP reconstruction ``Ŵ``), ``hessian``
     is mapped back exactly, and codes, scale, granularity and format are dropped (they do not exist
     in the original basis): re-quantize with ``absmax_scale`` and ``round_to_nearest``.
     """
-    inc = state.meta.get("incoherence")
-    if inc is None:
+    if not isinstance(state.basis, Incoherence):
         raise CqError(f"{state.name}: undo_incoherence needs a state from the incoherence stage "
-                      "(meta['incoherence'] is missing)")
-    w = incoherence_reconstruct(state)
-    h = None if state.hessian is None else inc.inverse_hessian(state.hessian)
-    out = record(state, "undo_incoherence", None, weight=w, hessian=h, codes=None, scale=None, granularity=None,
-                 format=None)
-    return attrs.evolve(out, meta={k: v for k, v in out.meta.items() if k != "incoherence"})
+                      f"(its basis is {state.basis!r})")
+    w = reconstruct(state)
+    h = None if state.hessian is None else state.basis.inverse_hessian(state.hessian)
+    return record(state, "undo_incoherence", None, weight=w, hessian=h, codes=None, scale=None, granularity=None,
+                  format=None, basis=None)

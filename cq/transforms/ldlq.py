@@ -57,7 +57,7 @@ def ldlq(state: LayerState, *, cfg: LDLQConfig = LDLQConfig()) -> LayerState:
         >>> g = torch.Generator().manual_seed(0)
         >>> x = torch.randn(256, 16, generator=g) @ torch.randn(16, 16, generator=g)
         >>> s = LayerState.from_weight("fc", torch.randn(8, 16, generator=g), hessian=2 / 256 * x.T @ x)
-        >>> m = ldlq(absmax_scale(s)).meta["metrics"]
+        >>> m = ldlq(absmax_scale(s)).metrics
         >>> m["rel_out_h"] < m["rel_out_rtn_h"]
         True
 

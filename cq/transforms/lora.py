@@ -112,8 +112,8 @@ def merge_lora(state: LayerState, *, cfg: MergeLoraConfig = MergeLoraConfig()) -
         used.append(f"{lora.source or f'#{i}'}: scale {factor:g}, alpha/rank {lora.alpha / lora.rank:g}")
     with torch.no_grad():
         new_original = original.detach().to(cd) + delta
-        if state.rotation is not None:
-            new_weight = state.weight.detach().to(cd) + state.rotation.rotate(delta).to(cd)
+        if state.basis is not None:
+            new_weight = state.weight.detach().to(cd) + state.basis.to_working(delta).to(cd)
         elif state.weight is original:
             new_weight = new_original
         else:

@@ -125,16 +125,17 @@ def w8a8_output_error(state: LayerState, x: torch.Tensor, *, backend: Backend | 
     """
     if state.codes is None or not isinstance(state.granularity, (PerTensor, PerRow)):
         raise ValueError(f"{state.name}: W8A8 error needs int8 codes with tensor or row scales")
-    if "incoherence" in state.meta:
-        raise ValueError(f"{state.name}: a two-sided QuIP layer has no ComfyUI W8A8 forward (its output side is "
-                         "rotated too); measure it with rel_output_error on reconstruct(state)")
+    if state.basis is not None and not state.basis.native:
+        raise ValueError(f"{state.name}: a layer in basis {type(state.basis).__name__} has no ComfyUI W8A8 forward "
+                         "(e.g. QuIP's output side is rotated too); measure it with rel_output_error on "
+                         "reconstruct(state)")
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
     ref = x2 @ (state.original if state.original is not None else state.weight).detach().to(torch.float32).t()
     return _w8a8(state, x2, ref, backend)
 
 
 def _w8a8(state: LayerState, x2: torch.Tensor, ref: torch.Tensor, backend) -> float:
-    xr = state.rotation.rotate(x2) if state.rotation is not None else x2
+    xr = state.basis.activations(x2) if state.basis is not None else x2
     y = int8_linear(xr, state.codes, state.scale, None, backend=backend)
     den = math.sqrt(_sq(ref))
     num = math.sqrt(_sq(y - ref))
@@ -159,7 +160,7 @@ _ROWS = 512
 
 
 def _rowwise_ok(state: LayerState, original: torch.Tensor) -> bool:
-    return (state.codes is not None and state.rotation is None and "incoherence" not in state.meta
+    return (state.codes is not None and state.basis is None
             and isinstance(state.granularity, (PerTensor, PerRow)) and original.dtype != torch.float64)
 
 
@@ -195,17 +196,17 @@ def _rowwise_metrics(state: LayerState, original: torch.Tensor, x2: torch.Tensor
 
 
 def measure(state: LayerState, *, cfg: MetricsConfig = MetricsConfig()) -> LayerState:
-    """Record weight-space and output-space quality metrics in ``state.meta["metrics"]``.
+    """Record weight-space and output-space quality metrics in ``state.metrics``.
 
     Example:
         >>> from cq.transforms import absmax_scale, round_to_nearest
         >>> s = measure(round_to_nearest(absmax_scale(LayerState.from_weight("fc", torch.randn(8, 16)))))
-        >>> sorted(s.meta["metrics"])
+        >>> sorted(s.metrics)
         ['max_error', 'mse', 'sqnr_db']
     """
     original = state.original if state.original is not None else state.weight
     if not original.numel():
-        return record(state, "measure", cfg, meta={"metrics": weight_metrics(original, original)})
+        return record(state, "measure", cfg, metrics=weight_metrics(original, original))
     x2 = None if cfg.x is None else cfg.x.detach().reshape(-1, cfg.x.shape[-1]).to(torch.float32)
     if _rowwise_ok(state, original):
         m, ref = _rowwise_metrics(state, original, x2)
@@ -217,11 +218,9 @@ def measure(state: LayerState, *, cfg: MetricsConfig = MetricsConfig()) -> Layer
             ref = x2.to(e.dtype) @ original.detach().to(e.dtype).t()
             den = _sq(ref)
             m["rel_out_x"] = math.sqrt(_sq(x2.to(e.dtype) @ e.t()) / den) if den > 0 else 0.0
-    if state.hessian is not None and state.codes is not None and "rel_out_h" not in state.meta.get("metrics", {}):
+    if state.hessian is not None and state.codes is not None and "rel_out_h" not in state.metrics:
         m["rel_out_h"] = rel_output_error(state.weight, working_dequantized(state), hessian=state.hessian)
     if (x2 is not None and state.codes is not None and isinstance(state.granularity, (PerTensor, PerRow))
-            and "incoherence" not in state.meta):
+            and (state.basis is None or state.basis.native)):
         m["w8a8"] = _w8a8(state, x2, ref.to(torch.float32), cfg.backend)
-    metrics = dict(state.meta.get("metrics", {}))
-    metrics.update(m)
-    return record(state, "measure", cfg, meta={"metrics": metrics})
+    return record(state, "measure", cfg, metrics=m)

@@ -39,7 +39,7 @@ from ..state import LayerState, PerGroup, PerRow, PerTensor, record
 from .checks import check_finite
 from .convrot import ConvRotConfig, convrot
 from .hessian import DampingConfig, feedback_round, quadratic_forms
-from .incoherence import IncoherenceConfig, incoherence, undo_incoherence
+from .incoherence import Incoherence, IncoherenceConfig, incoherence, undo_incoherence
 from .ldlq import LDLQConfig, ldlq, ldlq_solve
 from .rounding import round_to_nearest, working_dequantized
 from .scales import ScaleConfig, absmax_scale
@@ -255,8 +255,8 @@ def store_transformed(state: LayerState) -> LayerState:
     stored codes are ``round(U·W·diag(d)·Vᵀ / s)`` in natural column order and the layer is
     described by :func:`quip_extra_tensors` alone.
     """
-    inc = state.meta.get("incoherence")
-    if inc is None or state.codes is None:
+    inc = state.basis
+    if not isinstance(inc, Incoherence) or state.codes is None:
         raise CqError(f"{state.name}: store_transformed needs a quantized state from the incoherence stage")
     if not isinstance(state.granularity, (PerRow, PerTensor)):
         raise CqError(f"{state.name}: store_transformed supports per-row or tensor scales, got {state.granularity!r}")
@@ -267,20 +267,20 @@ def store_transformed(state: LayerState) -> LayerState:
         if state.hessian is not None:
             changes["hessian"] = state.hessian[inv][:, inv].contiguous()
         inc = attrs.evolve(inc, perm=None)
-    return record(state, "store_transformed", None, meta={"incoherence": inc}, format=QUIP_TRANSFORMED_FORMAT,
+    return record(state, "store_transformed", None, basis=inc, format=QUIP_TRANSFORMED_FORMAT,
                   **changes)
 
 
 def requant_metrics(state: LayerState) -> LayerState:
     """After ``output="requant"``: move LDLQ's ``rel_out_h`` to ``rel_out_h_quip`` and measure the stored layer."""
-    metrics = dict(state.meta.get("metrics", {}))
+    metrics = dict(state.metrics)
     if "rel_out_h" in metrics:
         metrics["rel_out_h_quip"] = metrics.pop("rel_out_h")
     if state.hessian is not None and state.codes is not None:
         orig = (state.original if state.original is not None else state.weight).to(torch.float32)
         sig, loss = quadratic_forms([orig, orig - working_dequantized(state)], state.hessian)
         metrics["rel_out_h"] = math.sqrt(max(loss, 0.0) / sig) if sig > 0 else 0.0
-    return record(state, "requant_metrics", None, meta={"metrics": metrics})
+    return attrs.evolve(record(state, "requant_metrics", None), metrics=metrics)
 
 
 def quip_pipeline(cfg: QuIPConfig = QuIPConfig()) -> Pipeline:
@@ -332,8 +332,8 @@ def quip_extra_tensors(state: LayerState) -> dict[str, torch.Tensor]:
     For power-of-two N and K without rescaling the file is exactly the reference's layout, which
     its formula ``W = diag(sign_row)·H·(q⊙s)·H·diag(sign_col)`` reconstructs.
     """
-    inc = state.meta.get("incoherence")
-    if inc is None or state.format != QUIP_TRANSFORMED_FORMAT:
+    inc = state.basis
+    if not isinstance(inc, Incoherence) or state.format != QUIP_TRANSFORMED_FORMAT:
         raise CqError(f"{state.name}: quip_extra_tensors needs a state finished by store_transformed "
                       f"(format {QUIP_TRANSFORMED_FORMAT!r}), got format {state.format!r}")
     if inc.perm is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ..errors import CqError
+from ..errors import CqError, InputError
 from ..kernels import Backend, quantize_int8
 from ..state import Granularity, LayerState, PerBlock, PerGroup, record
 from .scales import expand_scale
@@ -63,11 +63,8 @@ def reconstruct(state: LayerState) -> torch.Tensor:
     full-precision paths); for an unquantized state it is the (fp16-cast) weight itself.
     """
     w = working_dequantized(state)
-    inc = state.meta.get("incoherence")
-    if inc is not None:  # two-sided QuIP basis (cq.transforms.incoherence)
-        return inc.inverse_weight(w).to(torch.float32)
-    if state.rotation is not None:
-        w = state.rotation.unrotate(w)
+    if state.basis is not None:
+        w = state.basis.to_original(w).to(torch.float32)
     return w
 
 
@@ -79,8 +76,15 @@ def dequantize(state: LayerState) -> LayerState:
 
 def fp16_cast(state: LayerState) -> LayerState:
     """Store the layer as float16 (the reference's ``--fp16`` target); no codes, no scale."""
-    if state.rotation is not None:
+    if state.basis is not None:
         raise CqError(f"{state.name}: fp16_cast on a rotated weight would store the rotated basis; "
                       "cast before any rotation stage")
-    return record(state, "fp16_cast", None, weight=state.weight.to(torch.float16), codes=None, scale=None,
+    w16 = state.weight.to(torch.float16)
+    if not bool(torch.isfinite(w16).all()) and bool(torch.isfinite(state.weight).all()):
+        # Beyond ±65504 the cast gives inf: the stored layer would be unusable, and every metric
+        # on it meaningless; the user must keep this layer (or convert it to int8) instead.
+        peak = float(state.weight.detach().abs().max())
+        raise InputError(f"{state.name}: max |weight| = {peak:.6g} is beyond float16's range (±65504); "
+                         "exclude this layer from the fp16 target (e.g. --exclude-layers) or store it as int8")
+    return record(state, "fp16_cast", None, weight=w16, codes=None, scale=None,
                   granularity=None, format="fp16")

@@ -19,7 +19,7 @@ from cq.io import (
     quantization_metadata,
 )
 from cq.state import LayerState, PerBlock, PerGroup, PerRow, PerTensor
-from cq.transforms import ScaleConfig, absmax_scale, fp16_cast, round_to_nearest
+from cq.transforms import ConvRot, ScaleConfig, absmax_scale, fp16_cast, round_to_nearest
 
 
 def quantized(name="blk.0.fc", n=8, k=16, gran=PerRow(), seed=0, bias=False) -> LayerState:
@@ -30,23 +30,9 @@ def quantized(name="blk.0.fc", n=8, k=16, gran=PerRow(), seed=0, bias=False) -> 
 
 
 @attrs.frozen
-class ConvRot:
-    """A stand-in rotation with ComfyUI-native fields (the real one comes from the rotation issue)."""
-
-    g: int = 16
-
-    def rotate(self, x):
-        return x
-
-    def unrotate(self, x):
-        return x
-
-    def comfy_fields(self):
-        return {"convrot": True, "convrot_groupsize": self.g}
-
-
-@attrs.frozen
 class OpaqueRotation(ConvRot):
+    """A basis that claims to be native but has no .comfy_quant fields: must be refused."""
+
     def comfy_fields(self):
         return {}
 
@@ -106,7 +92,7 @@ def test_quantization_metadata_schema():
 
 
 def test_entry_fields_in_order():
-    s = attrs.evolve(quantized(k=32), rotation=ConvRot(16))
+    s = attrs.evolve(quantized(k=32), basis=ConvRot(16))
     e = comfy_quant_entry(s, full_precision_matrix_mult=True)
     assert list(e.items()) == [("format", "int8_tensorwise"), ("convrot", True), ("convrot_groupsize", 16),
                                ("full_precision_matrix_mult", True)]
@@ -121,7 +107,7 @@ def test_entry_refuses_bad_states():
     with pytest.raises(CqError, match="does not match granularity"):
         comfy_quant_entry(attrs.evolve(quantized(), format="int8_blockwise"))
     with pytest.raises(CqError, match="no ComfyUI-native"):
-        comfy_quant_entry(attrs.evolve(quantized(), rotation=OpaqueRotation()))
+        comfy_quant_entry(attrs.evolve(quantized(), basis=OpaqueRotation(16)))
 
 
 # -- layer_tensors -------------------------------------------------------------------------------
@@ -192,7 +178,7 @@ def test_fp16_layer():
 
 
 def test_convrot_and_fpmm_fields_reach_the_tensor():
-    s = attrs.evolve(quantized(k=32), rotation=ConvRot(16))
+    s = attrs.evolve(quantized(k=32), basis=ConvRot(16))
     out = layer_tensors(s, full_precision_matrix_mult=True)
     assert decode_comfy_quant(out["blk.0.fc.comfy_quant"]) == {
         "format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 16, "full_precision_matrix_mult": True}

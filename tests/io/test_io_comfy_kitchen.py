@@ -37,7 +37,7 @@ def build(name, n, k, gran, gen, *, bias=True, rotation=None):
     b = torch.randn(n, generator=gen) * 0.01 if bias else None
     s = LayerState.from_weight(name, w, bias=b)
     if rotation is not None:
-        s = attrs.evolve(s, weight=rotation.rotate(w), rotation=rotation)
+        s = attrs.evolve(s, weight=rotation.rotate(w), basis=rotation)
     return round_to_nearest(absmax_scale(s, cfg=ScaleConfig(gran)))
 
 
@@ -130,6 +130,24 @@ class ComfyConvRot:
 
     def comfy_fields(self):
         return {"convrot": True, "convrot_groupsize": self.g}
+
+    # cq.state.Basis over rotate/unrotate (a one-sided input rotation)
+    native = True
+
+    def to_working(self, w):
+        return self.rotate(w)
+
+    def to_original(self, w):
+        return self.unrotate(w)
+
+    def hessian_to_working(self, h):
+        return self.unrotate(self.unrotate(h).T).T  # Rᵀ H R
+
+    def hessian_to_original(self, h):
+        return self.rotate(self.rotate(h).T).T  # R H Rᵀ
+
+    def activations(self, x):
+        return self.rotate(x)
 
 
 def test_convrot_layer_dequantizes_to_the_original_basis(tmp_path):
