@@ -26,6 +26,8 @@ class Backend(str, enum.Enum):
     TORCH = "torch"
     #: Triton kernels (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``).
     TRITON = "triton"
+    #: numba CPU kernels (``quantize_rows``); needs the optional ``numba`` package.
+    NUMBA = "numba"
 
 
 def _name_ok(instance, attribute, value):
