@@ -67,11 +67,15 @@ def load_comfy_layers(path: str | os.PathLike, *, compute_dtype: torch.dtype = t
         keys = set(f.keys())
         for layer, conf in _configs(f).items():
             fmt = conf.get("format")
-            if fmt != "int8_tensorwise":
+            if fmt not in ("int8_tensorwise", "float8_e4m3fn"):
                 raise InputError(f"{path}: layer {layer!r} has format {fmt!r}; vanilla ComfyUI 0.29 fails on "
-                                 "formats outside QUANT_ALGOS, and this check covers int8_tensorwise only")
+                                 "formats outside QUANT_ALGOS, and this check covers int8_tensorwise and "
+                                 "float8_e4m3fn only")
             if f"{layer}.weight" not in keys:
                 raise InputError(f"{path}: layer {layer!r} has a quant config but no {layer}.weight")
+            if fmt == "float8_e4m3fn":
+                out[layer] = _fp8_layer(f, keys, layer, conf, compute_dtype, QuantizedTensor, get_layout_class)
+                continue
             if f"{layer}.weight_scale" not in keys:
                 raise InputError(f"{path}: layer {layer!r}: Missing INT8 weight scale ({layer}.weight_scale)")
             weight = f.get_tensor(f"{layer}.weight").to(torch.int8)  # a numeric cast, as ComfyUI does
@@ -87,6 +91,31 @@ def load_comfy_layers(path: str | os.PathLike, *, compute_dtype: torch.dtype = t
             bias = f.get_tensor(f"{layer}.bias") if f"{layer}.bias" in keys else None
             out[layer] = (qt, bias, conf)
     return out
+
+
+def _fp8_layer(f, keys, layer, conf, compute_dtype, QuantizedTensor, get_layout_class):
+    """A ``float8_e4m3fn`` layer as ComfyUI 0.29 builds it (``TensorCoreFP8Layout``; ``input_scale``
+    becomes a module parameter, returned in the conf copy as ``"input_scale"``)."""
+    layout = get_layout_class("TensorCoreFP8Layout")
+    scale = f.get_tensor(f"{layer}.weight_scale") if f"{layer}.weight_scale" in keys else None
+    weight = f.get_tensor(f"{layer}.weight").to(torch.float8_e4m3fn)  # a numeric cast, as ComfyUI does
+    params = layout.Params(scale=scale, orig_dtype=compute_dtype, orig_shape=tuple(weight.shape))
+    qt = QuantizedTensor(weight, "TensorCoreFP8Layout", params)
+    bias = f.get_tensor(f"{layer}.bias") if f"{layer}.bias" in keys else None
+    conf = dict(conf)
+    if f"{layer}.input_scale" in keys:
+        conf["input_scale"] = f.get_tensor(f"{layer}.input_scale")
+    return qt, bias, conf
+
+
+def _forward(x: torch.Tensor, qt, bias, conf) -> torch.Tensor:
+    """``MixedPrecisionOps.Linear.forward``: FP8 layers quantize the activations first (static
+    ``input_scale`` or a dynamic amax); int8 layers run the weight-only path (dynamic W8A8 kernel)."""
+    if conf["format"] == "float8_e4m3fn" and not conf.get("full_precision_matrix_mult", False):
+        from comfy_kitchen.tensor import QuantizedTensor
+
+        x = QuantizedTensor.from_float(x, "TensorCoreFP8Layout", scale=conf.get("input_scale"))
+    return F.linear(x, qt, bias)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,6 +147,10 @@ def check_with_comfy_kitchen(path: str | os.PathLike, originals: Mapping[str, to
       in float32 (the activation-quantization error only);
     * ``finite``, ``format``, ``convrot``, ``scale_shape``.
 
+    ``float8_e4m3fn`` layers run ComfyUI's FP8 forward: the activations are quantized to e4m3 with
+    the layer's ``input_scale`` (or a per-call amax) before the matmul, unless the layer sets
+    ``full_precision_matrix_mult``.
+
     ``x`` is ``tokens`` standard-normal rows in ``compute_dtype`` (bfloat16, ComfyUI's usual compute
     dtype, or float32; both run on CPU), drawn from a generator seeded with ``seed``.
 
@@ -136,7 +169,7 @@ def check_with_comfy_kitchen(path: str | os.PathLike, originals: Mapping[str, to
         x = torch.randn(tokens, k, generator=gen).to(compute_dtype)
         b_c = None if bias is None else bias.to(compute_dtype)  # ComfyUI casts the bias to compute dtype
         with torch.no_grad():
-            y = F.linear(x, qt, b_c)
+            y = _forward(x, qt, b_c, conf)
             w_dq = qt.dequantize()
             y_dq = F.linear(x.float(), w_dq.float(), None if bias is None else bias.float())
         entry: dict[str, Any] = {

@@ -151,6 +151,14 @@ def _check_layer(layer: str, entry: dict[str, Any], header: SafetensorsHeader, f
                 problems.append(f"{layer}: convrot_groupsize {g} does not divide in_features {k}")
     elif fmt in ("float8_e4m3fn", "float8_e5m2"):
         _check_scale(layer, header, f, n, problems, [(), (1,)])
+        info = header.tensors.get(f"{layer}.input_scale")
+        if info is not None:  # a static activation scale: comfy-kitchen needs one float32 value
+            if info.dtype_name != "F32" or info.shape not in ((), (1,)):
+                problems.append(f"{layer}.input_scale: {info.dtype_name} {list(info.shape)}; write one F32 value")
+            else:
+                v = float(read_tensor(f, info, header.path).reshape(()))
+                if not (v > 0 and v != float("inf")):
+                    problems.append(f"{layer}.input_scale: {v} is not finite and positive")
 
 
 def validate_comfy_file(path: str | os.PathLike) -> list[str]:

@@ -1,0 +1,161 @@
+"""FP8 (float8_e4m3fn) output: the quantizer against a float64 oracle, the runtime activation path against
+comfy-kitchen, and written files loaded through comfy-kitchen as ComfyUI 0.29 does."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cq.errors import ConfigError, CqError
+from cq.io import SafetensorsWriter, comfy_quant_entry, layer_tensors, quantization_metadata, validate_comfy_file
+from cq.io.comfy import QUANT_METADATA_KEY
+from cq.io.comfy_fp8 import fp8_comfy_quant_entry, fp8_layer_tensors
+from cq.state import LayerState, PerRow
+from cq.transforms import MetricsConfig, ScaleConfig, absmax_scale, reconstruct, round_to_nearest
+from cq.transforms.fp8 import (E4M3_MAX, Fp8Config, Fp8InputScaleWarning, fp8_linear, fp8_output_error,
+                               fp8_pipeline, fp8_round, fp8_scale, measure_fp8, quantize_e4m3)
+
+from property_tests.test_fp8_laws import GRID, oracle  # the float64 definition of the e4m3 grid
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_every_grid_point_midpoint_and_neighbour_matches_oracle():
+    pts = torch.cat([GRID, -GRID])
+    mids = (GRID[1:] + GRID[:-1]) / 2  # exact ties in float64, and exactly representable in float32
+    near = torch.cat([mids * (1 + 2.0 ** -20), mids * (1 - 2.0 ** -20), torch.tensor([449.0, 464.0, 1e30, 2.0 ** -10])])
+    y = torch.cat([pts, mids, -mids, near, -near]).to(torch.float32)
+    got = quantize_e4m3(y, 1.0).to(torch.float64)
+    assert torch.equal(got.abs(), oracle(y).abs())
+
+
+def test_pipeline_per_tensor_scale_and_quality():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.02
+    s = fp8_pipeline()(LayerState.from_weight("fc", w))
+    assert s.format == "float8_e4m3fn" and s.scale.shape == () and s.stage_names() == ("fp8_scale", "fp8_round")
+    assert float(s.codes.to(torch.float32).abs().max()) == E4M3_MAX  # the absmax element maps to ±448
+    m = measure_fp8(s, cfg=MetricsConfig(x=torch.randn(32, 96))).metrics
+    # e4m3 has 3 mantissa bits: relative error ≈ 2^-4/√3·(uniform) → about 30-32 dB on Gaussian weights
+    assert 28 < m["sqnr_db"] < 35
+    assert m["rel_out_x"] < 0.04 and m["rel_out_x"] < m["w8a8"] < 0.08
+
+
+def test_fp8_is_worse_than_per_row_int8_on_gaussian_weights():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    f = fp8_pipeline()(LayerState.from_weight("fc", w))
+    i = round_to_nearest(absmax_scale(LayerState.from_weight("fc", w), cfg=ScaleConfig(PerRow())))
+    assert _rel(reconstruct(f), w) > _rel(reconstruct(i), w)
+
+
+def test_config_and_order_errors():
+    with pytest.raises(ConfigError, match="float8_e5m2"):
+        Fp8Config(format="float8_e5m2")
+    with pytest.raises(CqError, match="fp8_scale"):
+        fp8_round(LayerState.from_weight("fc", torch.ones(2, 2)))
+    with pytest.raises(CqError, match="FP8 state"):
+        measure_fp8(LayerState.from_weight("fc", torch.ones(2, 2)))
+
+
+def test_input_scale_from_calibration_and_warning_without():
+    w = torch.randn(8, 16)
+    s = fp8_pipeline(Fp8Config(input_scale=True))(
+        LayerState.from_weight("fc", w, meta={"input_absmax": torch.full((16,), 2.0).index_fill(0, torch.tensor([3]), 8.96)}))
+    assert math.isclose(float(s.meta["input_scale"]), 8.96 / 448, rel_tol=1e-6)
+    assert "fc.input_scale" in fp8_layer_tensors(s)
+    with pytest.warns(Fp8InputScaleWarning, match="no calibration absmax"):
+        s2 = fp8_pipeline(Fp8Config(input_scale=True))(LayerState.from_weight("fc", w))
+    assert "input_scale" not in s2.meta and "fc.input_scale" not in fp8_layer_tensors(s2)
+    assert any("dynamic" in n for n in s2.notes)
+
+
+def test_static_input_scale_saturates_outliers():
+    # an activation beyond the calibration absmax saturates at 448·s_x (e4m3fn has no inf); 1.0/0.01 = 100
+    # is a tie between the e4m3 values 96 and 104 and goes to the even 96; outputs are rounded to bf16
+    c = quantize_e4m3(torch.eye(4), 1.0)
+    y = fp8_linear(torch.tensor([[100.0, 1.0, 0.0, 0.0]]), c, torch.tensor(1.0), input_scale=torch.tensor(0.01))
+    want = torch.tensor([[448 * 0.01, 96 * 0.01, 0.0, 0.0]]).to(torch.bfloat16).float()
+    assert torch.equal(y, want)
+
+
+ck = pytest.importorskip("comfy_kitchen")
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_linear_matches_comfy_kitchen(static):
+    from comfy_kitchen.tensor import QuantizedTensor, get_layout_class
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 64, generator=g) * 0.05
+    x = (torch.randn(16, 64, generator=g) * 3).to(torch.bfloat16)
+    s = fp8_pipeline()(LayerState.from_weight("fc", w))
+    in_scale = torch.tensor(float(x.float().abs().max()) * 1.5 / 448) if static else None
+    qt = QuantizedTensor(s.codes, "TensorCoreFP8Layout", get_layout_class("TensorCoreFP8Layout").Params(
+        scale=s.scale, orig_dtype=torch.bfloat16, orig_shape=(48, 64)))
+    with torch.no_grad():
+        y_ck = torch.nn.functional.linear(QuantizedTensor.from_float(x, "TensorCoreFP8Layout", scale=in_scale), qt)
+    y = fp8_linear(x, s.codes, s.scale, input_scale=in_scale)
+    # Same fp8 operands; the two differ only by float32 accumulation order (≤ K·2⁻²⁴ relative to Σ|x||w|)
+    # and a one-ulp bf16 output rounding flip (2⁻⁸ relative): bound both by 2⁻⁷ of |y| + a tiny absolute term.
+    assert torch.all((y_ck.float() - y).abs() <= y.abs() * 2 ** -7 + 1e-6)
+
+
+def _write(path, states, fpmm=()):
+    entries = {}
+    with SafetensorsWriter(path, metadata=None) as wr:
+        for s in states:
+            if s.format == "float8_e4m3fn":
+                tensors = fp8_layer_tensors(s, full_precision_matrix_mult=s.name in fpmm)
+                entries[s.name] = fp8_comfy_quant_entry(s, full_precision_matrix_mult=s.name in fpmm)
+            else:
+                tensors = layer_tensors(s)
+                if s.format != "fp16":
+                    entries[s.name] = comfy_quant_entry(s)
+            for k, t in tensors.items():
+                wr.add(k, t)
+    return entries
+
+
+def test_mixed_file_loads_through_comfy_kitchen(tmp_path):
+    from cq.io.comfy_kitchen_check import check_with_comfy_kitchen
+
+    g = torch.Generator().manual_seed(7)
+    ws = {n: torch.randn(64, 128, generator=g) * 0.02 for n in ("m.fp8", "m.fp8_static", "m.fp8_fpmm", "m.int8", "m.hp")}
+    calib = {"input_absmax": torch.full((128,), 4.0)}
+    states = [
+        fp8_pipeline()(LayerState.from_weight("m.fp8", ws["m.fp8"], bias=torch.randn(64, generator=g) * 0.01)),
+        fp8_pipeline(Fp8Config(input_scale=True))(LayerState.from_weight("m.fp8_static", ws["m.fp8_static"], meta=calib)),
+        fp8_pipeline()(LayerState.from_weight("m.fp8_fpmm", ws["m.fp8_fpmm"])),
+        round_to_nearest(absmax_scale(LayerState.from_weight("m.int8", ws["m.int8"]), cfg=ScaleConfig(PerRow()))),
+    ]
+    path = tmp_path / "mixed.safetensors"
+    entries = _write(path, states, fpmm=("m.fp8_fpmm",))
+    assert validate_comfy_file(path) == []
+    report = check_with_comfy_kitchen(path, {f"{k}.weight": v for k, v in ws.items()}, tokens=32, seed=5)
+    assert set(report) == set(entries) == {"m.fp8", "m.fp8_static", "m.fp8_fpmm", "m.int8"}
+    for s in states[:3]:
+        r = report[s.name]
+        assert r["format"] == "float8_e4m3fn" and r["finite"] and r["scale_shape"] == ()
+        # comfy-kitchen dequantizes to bf16: our float32 reconstruction error plus ≤ 2⁻⁹ relative rounding
+        assert abs(r["dequant_rel_err"] - _rel(reconstruct(s), ws[s.name])) < 2 ** -8
+        x = torch.randn(32, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+        if s.name == "m.fp8_fpmm":
+            assert r["forward_rel_err"] < 0.04  # weight-only (dequantize + bf16 matmul)
+        else:
+            ours = fp8_output_error(s, x)
+            assert abs(r["forward_rel_err"] - ours) < 0.01 * ours + 2 ** -8
+    assert report["m.int8"]["format"] == "int8_tensorwise"
+
+
+def test_validator_flags_bad_input_scale(tmp_path):
+    s = fp8_pipeline()(LayerState.from_weight("fc", torch.randn(4, 8)))
+    tensors = fp8_layer_tensors(s)
+    tensors["fc.input_scale"] = torch.tensor([1.0, 2.0])
+    with SafetensorsWriter(tmp_path / "bad.safetensors", metadata={
+            QUANT_METADATA_KEY: quantization_metadata({"fc": {"format": "float8_e4m3fn"}})}) as wr:
+        for k, t in tensors.items():
+            wr.add(k, t)
+    assert any("input_scale" in p for p in validate_comfy_file(tmp_path / "bad.safetensors"))
