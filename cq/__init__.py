@@ -31,6 +31,7 @@ from .recipes import optimizer_pipeline, rtn_pipeline
 from .report import ConversionReport, LayerReport
 from .selection import Decision, LayerOverride, SelectionConfig, decide, iter_decisions
 from .state import LayerState, PerBlock, PerGroup, PerRow, PerTensor, record
+from . import synthetic  # noqa: E402 - the README's `cq.synthetic.outlier_layer` after a plain `import cq`
 
 __version__ = "0.1.0"
 
@@ -51,7 +52,7 @@ __all__ = [
     "stage", "tap",
     "capture", "HessianStats", "hessian_init", "hessian_update", "hessian_finalize", "save_calibration",
     "load_calibration", "Calibration", "synthetic_hessian", "attach_calibration", "gptq_pipeline", "quip_pipeline",
-    "QuIPResult", "dequantize_transformed", "dequantize_transformed_file",
+    "QuIPResult", "dequantize_transformed", "dequantize_transformed_file", "synthetic",
     # errors
     "CqError", "ConfigError", "InputError", "NonFiniteWeightError", "UnsupportedBackendError",
 ]

@@ -184,11 +184,53 @@ class Calibration:
             raise InputError(f"{self.path}: {layer}.{suffix} must hold finite floats; recapture this layer")
         return t.to(torch.float32)
 
-    def hessian(self, layer: str) -> torch.Tensor | None:
-        """``H`` [K, K] float32 for ``layer``, validated (finite, symmetric), or ``None``."""
+    def _check_length(self, layer: str, suffix: str, t: torch.Tensor | None, k: int | None) -> None:
+        if t is not None and k is not None and tuple(t.shape) != (k,):
+            raise InputError(f"{self.path}: {layer}.{suffix} has {t.numel()} values but the layer has "
+                             f"in_features={k}; the calibration file belongs to another model (recapture it)")
+
+    def _reference_hessian(self, layer: str, k: int | None) -> torch.Tensor | None:
+        # The reference's files hold per-channel statistics, no Hessian. Their diagonal is still
+        # information: H = diag(m²) weighs each input channel by its typical magnitude m (the
+        # mean |x| when present, else the max |x|). Off-diagonal terms are unknown and taken as 0.
+        mean, peak = self.input_abs_mean(layer), self.input_absmax(layer)
+        self._check_length(layer, "channel_mean", mean, k)
+        self._check_length(layer, "channel_max", peak, k)
+        if mean is not None and peak is not None and mean.shape != peak.shape:
+            raise InputError(f"{self.path}: {layer}.channel_mean has {mean.numel()} values and "
+                             f"{layer}.channel_max {peak.numel()}; both must have one value per input channel")
+        m = mean if mean is not None else peak
+        if m is None:
+            return None  # only an input_scale: nothing per channel
+        if bool((m < 0).any()):
+            raise InputError(f"{self.path}: {layer}.channel_{'mean' if mean is not None else 'max'} has negative "
+                             "values; it must hold magnitudes (|x| statistics)")
+        return torch.diag(m.to(torch.float32) ** 2)
+
+    def hessian(self, layer: str, *, k: int | None = None) -> torch.Tensor | None:
+        """``H`` [K, K] float32 for ``layer``, validated (finite, symmetric), or ``None``.
+
+        For the reference's files (channel statistics only) this is the diagonal
+        ``diag(channel_mean²)`` (``channel_max²`` when there is no mean); see :meth:`hessian_kind`.
+        ``k``: the layer's in_features; a statistic of another length is an :class:`InputError`
+        naming the layer and the entry.
+
+        Example:
+            >>> import json, tempfile, os
+            >>> p = os.path.join(tempfile.mkdtemp(), "ref.json")
+            >>> with open(p, "w") as f:
+            ...     json.dump({"blocks.0": {"channel_max": [1.0, 3.0]}}, f)
+            >>> load_calibration(p).hessian("blocks.0", k=2).tolist()
+            [[1.0, 0.0], [0.0, 9.0]]
+        """
+        if self.kind == "reference":
+            return self._reference_hessian(layer, k)
         h = self._read(layer, "hessian")
         if h is None:
             return None
+        if k is not None and tuple(h.shape) != (k, k):
+            raise InputError(f"{self.path}: {layer}.hessian is {list(h.shape)} but the layer has in_features={k}; "
+                             "the calibration file belongs to another model (recapture it)")
         if not h.is_floating_point():
             raise InputError(f"{self.path}: {layer}.hessian must be float, got {h.dtype}")
         bad = int((~torch.isfinite(h)).sum())
@@ -202,6 +244,16 @@ class Calibration:
             raise InputError(f"{self.path}: {layer}.hessian is not symmetric (max |H - Hᵀ| = {asym:.3g}, "
                              f"max |H| = {scale:.3g}); a Hessian 2/T·XᵀX is symmetric: recapture this layer")
         return h
+
+    def hessian_kind(self, layer: str) -> str | None:
+        """What :meth:`hessian` returns for ``layer``: ``"captured"`` (a cq file), ``"diagonal"`` (the
+        reference's channel statistics), or ``None`` (no usable entry).
+        """
+        if layer not in self.entries:
+            return None
+        if self.kind == "cq":
+            return "captured"
+        return "diagonal" if {"channel_max", "channel_mean"} & set(self.entries[layer]) else None
 
     def input_absmax(self, layer: str) -> torch.Tensor | None:
         """Per-channel ``max |x|`` [K] (the reference's ``channel_max``), or ``None``."""

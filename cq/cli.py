@@ -132,12 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_output_name(args: argparse.Namespace) -> str:
-    """The reference's automatic name: ``{stem}_{simple_|learned_}{int8|fp16}{mixed}{_bs<N>}.safetensors``."""
+    """The automatic name, in the reference's pattern but true to what runs.
+
+    ``{stem}_{method}_{int8|fp16}{mixed}{_bs<N>}.safetensors``: ``method`` is ``simple`` for
+    round-to-nearest and ``gptq``/``quip`` for those optimizers (cq never runs learned rounding
+    unasked, so it never writes the reference's ``learned_``), and ``_bs<N>`` appears only when
+    block scaling is what the file holds.
+
+    Example:
+        >>> args = build_parser().parse_args(["-i", "m.safetensors"])
+        >>> default_output_name(args), default_output_name(build_parser().parse_args(
+        ...     ["-i", "m.safetensors", "--optimizer", "gptq", "--scaling_mode", "block", "--block_size", "64"]))
+        ('m_simple_int8.safetensors', 'm_gptq_int8_bs64.safetensors')
+    """
     inp = Path(args.input)
-    mixed = any(getattr(args, f) for f in PRESET_FLAGS) or bool(args.custom_layers)
+    mixed = (any(getattr(args, f) for f in PRESET_FLAGS) or bool(args.custom_layers) or bool(args.exclude_layers)
+             or bool(args.layer_config))
     kind = "fp16" if args.fp16 else "int8"
-    bs = f"_bs{args.block_size or 128}" if kind == "int8" else ""
-    name = f"{inp.stem}_{'simple_' if args.simple else 'learned_'}{kind}{'mixed' if mixed else ''}{bs}.safetensors"
+    optimizer = args.optimizer or "rtn"
+    method = {"rtn": "simple", "gptq": "gptq", "quip": "quip"}.get(optimizer, "learned")
+    bs = f"_bs{args.block_size or 128}" if kind == "int8" and args.scaling_mode == "block" else ""
+    name = f"{inp.stem}_{method}_{kind}{'mixed' if mixed else ''}{bs}.safetensors"
     return str(inp.with_name(name))
 
 
@@ -196,8 +211,64 @@ def _dry_run(mode: str, inp: str, cfg) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """Raised from a SIGTERM/SIGHUP handler so the same clean-up as Ctrl-C runs (temp files removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _output_roles(args: argparse.Namespace, out: str) -> tuple[dict, dict]:
+    """(files the run reads, files it writes), keyed by the flag that named them."""
+    reads = {"-i": args.input, "--calibration-data": args.calibration_data_path,
+             "--calibration-lora": args.calibration_lora_path, "--layer-config": args.layer_config,
+             "--merge-lora": args.merge_lora_path, "--merge-loras": args.merge_lora_paths}
+    if args.dry_run == "create-template":  # the same name _dry_run writes
+        inp = Path(args.input)
+        writes = {"--dry-run create-template": str(inp.with_name(inp.stem + "_layer_config_template.json"))}
+    elif args.dry_run:
+        writes = {}
+    else:
+        writes = {"-o": out, "--report-json": args.report_json}
+    return reads, writes
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 success, 1 conversion error, 2 bad usage)."""
+    """Run the CLI; returns the exit status.
+
+    0: success (also an input with nothing to quantize); 1: the input or a setting cannot be used
+    (one ``cq: error:`` line, nothing written); 2: bad usage (argparse, or an output path that
+    would overwrite an input or cannot be written); 130: Ctrl-C; 129/143: SIGHUP/SIGTERM. On every
+    non-zero status no output file exists: outputs are written to a temporary file and renamed last.
+    """
+    import signal
+
+    def on_signal(signum, frame):
+        raise _Terminated(signum)
+
+    previous = {}
+    try:
+        for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                try:
+                    previous[sig] = signal.signal(sig, on_signal)
+                except ValueError:  # not the main thread (main() called from a worker): leave signals alone
+                    pass
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before or after the conversion's own handler
+        print("cq: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except _Terminated as t:
+        name = signal.Signals(t.signum).name
+        print(f"cq: stopped by {name}; no output was written", file=sys.stderr)
+        return 128 + t.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .logs import setup_logging
@@ -207,11 +278,31 @@ def main(argv: list[str] | None = None) -> int:
     from .convert import convert_file
     from .errors import CqError
     from .io import NonNativeFormatWarning
+    from .io.paths import check_outputs
 
+    out = args.output or default_output_name(args)
+    try:
+        # Before anything is read or computed: an output that would replace an input, or a report
+        # path that would fail only after the model was written, is refused now.
+        check_outputs(*_output_roles(args, out))
+    except CqError as exc:
+        print(f"cq: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     try:
         inp, out, cfg = config_from_legacy_kwargs(**_kwargs(args))
         if args.dry_run:
             return _dry_run(args.dry_run, inp, cfg)
+        from .io import UnifiedSafetensorsLoader
+        from .selection import SelectionConfig, iter_decisions
+
+        with UnifiedSafetensorsLoader(inp, low_memory=True) as loader:
+            n_tensors = len(loader)
+            todo = sum(1 for _, d in iter_decisions(loader, cfg.selection or SelectionConfig())
+                       if d.action == "quantize")
+        if not todo:
+            print(f"cq: nothing to quantize in {inp}: none of its {n_tensors} tensors is a 2-D weight selected "
+                  "for conversion (see --dry-run); no output written")
+            return 0
         bar = None
         if not args.no_progress:
             from tqdm import tqdm
@@ -233,9 +324,6 @@ def main(argv: list[str] | None = None) -> int:
             if bar is not None:
                 bar.update(bar.total - bar.n) if bar.total else None
                 bar.close()
-    except KeyboardInterrupt:
-        print("cq: interrupted; no output was written", file=sys.stderr)
-        return 130
     except (CqError, NotImplementedError, ValueError, TypeError, OSError) as exc:
         msg = " ".join(str(exc).split())
         print(f"cq: error: {msg}", file=sys.stderr)
@@ -246,7 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_json:
         from .io import write_text_atomic
 
-        write_text_atomic(args.report_json, report.to_json(indent=2) + "\n")
+        try:
+            write_text_atomic(args.report_json, report.to_json(indent=2) + "\n")
+        except OSError as exc:  # checked up front; this is a disk filling or a folder removed meanwhile
+            print(f"wrote {out}", file=sys.stderr)
+            print(f"cq: error: could not write --report-json {args.report_json}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
     print(f"wrote {out}")
     return 0
 

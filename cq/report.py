@@ -22,6 +22,7 @@ class LayerReport:
     name: str  # layer stem for quantized layers, the tensor key otherwise
     action: str  # "quantize" | "keep" | "remove"
     reason: str = ""
+    recipe: str | None = None  # the recipe record's type name (RTN, GPTQ, QuIP, FP16, yours), or "pipeline"
     format: str | None = None
     shape: tuple[int, ...] = ()
     scale_shape: tuple[int, ...] | None = None
@@ -51,10 +52,23 @@ class ConversionReport:
     seconds: float = 0.0
     quality_threshold: float = 30.0
     notes: tuple[str, ...] = ()
+    model: dict = attrs.field(factory=dict, converter=_freeze)  # model-level transforms' reports (e.g. "lora")
+    device: str = "cpu"
+
+    @property
+    def converted(self) -> tuple[LayerReport, ...]:
+        """Every layer a pipeline ran on: the int8 layers and those stored as float16."""
+        return tuple(r for r in self.layers if r.action == "quantize")
 
     @property
     def quantized(self) -> tuple[LayerReport, ...]:
-        return tuple(r for r in self.layers if r.action == "quantize")
+        """The layers stored quantized; an fp16 cast is not quantization and is counted apart."""
+        return tuple(r for r in self.converted if r.format != "fp16")
+
+    @property
+    def fp16(self) -> tuple[LayerReport, ...]:
+        """The layers stored as float16 (``--fp16``, ``--fallback fp16``, ``custom_type fp16``)."""
+        return tuple(r for r in self.converted if r.format == "fp16")
 
     @property
     def mean_sqnr_db(self) -> float:
@@ -74,9 +88,12 @@ class ConversionReport:
             "kept": self.kept,
             "removed": self.removed,
             "quantized": len(self.quantized),
+            "fp16": len(self.fp16),
             "mean_sqnr_db": None if math.isnan(self.mean_sqnr_db) else self.mean_sqnr_db,
             "below_threshold": list(self.below_threshold),
             "notes": list(self.notes),
+            "device": self.device,
+            "model": self.model,
             "layers": [r.to_dict() for r in self.layers],
         }
 
@@ -93,7 +110,7 @@ class ConversionReport:
         def num(v, fmt):
             return format(v, fmt) if v is not None else f"{'-':>{int(fmt.split('.')[0])}}"
 
-        for r in self.quantized:
+        for r in self.converted:
             m = r.metrics
             out = m.get("rel_out_h", m.get("rel_out_x"))
             name = r.name if len(r.name) <= 44 else "…" + r.name[-43:]
@@ -104,7 +121,11 @@ class ConversionReport:
                 f"{num(m.get('rel_out_rtn_h'), '8.5f')}"
             )
         lines.append("-" * len(head))
-        lines.append(f"{len(self.quantized)} layers quantized, {self.kept} tensors kept, {self.removed} removed, "
-                     f"mean SQNR {self.mean_sqnr_db:.2f} dB, {len(self.below_threshold)} below "
-                     f"{self.quality_threshold:g} dB, {self.seconds:.1f} s")
+        fp16 = f", {len(self.fp16)} stored as fp16" if self.fp16 else ""
+        # With no finite SQNR there is no mean to show: say so instead of printing "nan dB".
+        mean = self.mean_sqnr_db
+        mean_txt = f"mean SQNR {mean:.2f} dB" if math.isfinite(mean) else "mean SQNR -"
+        lines.append(f"{len(self.quantized)} layers quantized{fp16}, {self.kept} tensors kept, {self.removed} removed, "
+                     f"{mean_txt}, {len(self.below_threshold)} below {self.quality_threshold:g} dB, "
+                     f"{self.seconds:.1f} s")
         return "\n".join(lines)

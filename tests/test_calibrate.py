@@ -260,11 +260,13 @@ def _json(tmp_path, data):
     return p
 
 
-def test_reference_formats_give_channel_stats_but_no_hessian(tmp_path):
+def test_reference_formats_give_channel_stats_and_a_diagonal_hessian(tmp_path):
+    # issue 8.7: a reference entry is used, as diag(channel_mean²); an input_scale alone gives none
     cal = load_calibration(_json(tmp_path, {"a.fc": {"channel_max": [1.0, 2.0], "channel_mean": [0.5, 0.25],
                                                     "input_scale": 0.02}, "b.fc": 0.5}))
     assert cal.kind == "reference" and cal.layers == ("a.fc", "b.fc")
-    assert cal.hessian("a.fc") is None and cal.input_mean("a.fc") is None
+    assert cal.hessian("a.fc").tolist() == [[0.25, 0.0], [0.0, 0.0625]] and cal.hessian_kind("a.fc") == "diagonal"
+    assert cal.hessian("b.fc") is None and cal.hessian_kind("b.fc") is None and cal.input_mean("a.fc") is None
     assert cal.input_absmax("a.fc").tolist() == [1.0, 2.0] and cal.input_abs_mean("a.fc").tolist() == [0.5, 0.25]
     assert cal.input_scale("a.fc") == pytest.approx(0.02) and cal.input_scale("b.fc") == 0.5
     st = load_calibration(write(tmp_path / "ref.safetensors", {"a.fc.channel_max": torch.tensor([3.0, 4.0]),

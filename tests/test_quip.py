@@ -292,10 +292,12 @@ def _small(seed=0, n=32, k=128):
 
 
 def test_converter_default_is_the_reference_requant_9_tuple():
+    # issue 8.8: unpacks as the API document's 3-tuple; all nine of the reference code by name / in order
     w, h = _small()
     r = QuIPInt8Converter(device="cpu").convert(w, h)
-    assert isinstance(r, QuIPResult) and len(r) == 9
-    q, scale, deq, smooth, s_u, s_v, had, n_out, n_in = r
+    assert isinstance(r, QuIPResult) and len(r) == 3
+    q, scale, deq, smooth, s_u, s_v, had, n_out, n_in = r.as_reference_tuple()
+    assert q is r.q and scale is r.scale and deq is r.dequantized
     assert q.dtype == torch.int8 and q.shape == (32, 128) and scale.shape == (32, 1)
     assert torch.allclose(deq, q.float() * scale)
     assert (smooth, s_u, s_v, had, n_out, n_in) == (None, None, None, False, 0, 0)

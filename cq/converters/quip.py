@@ -1,8 +1,9 @@
 """``QuIPInt8Converter``: the reference's QuIP class, as a thin facade over :func:`cq.transforms.quip.quip_pipeline`.
 
-``convert`` returns a :class:`QuIPResult`, a 9-field ``NamedTuple`` (what the reference's code
-returns; its API document shows only the first three): ``q, scale, dequantized`` then
-``smooth_factors, s_u, s_v, hadamard_quip, hadamard_size_out, hadamard_size_in``.
+``convert`` returns a :class:`QuIPResult`: it unpacks as ``q, scale, dequantized`` (as the
+reference's API document shows), and carries the reference code's other six values by name
+(``smooth_factors, s_u, s_v, hadamard_quip, hadamard_size_out, hadamard_size_in``; all nine in
+order via ``as_reference_tuple()``).
 
 Output mode. Bare tensors carry no rotation flag, so the converter's default is the reference's
 ``"requant"`` (codes in the original basis: safe to write as plain ``int8_tensorwise``, but no better
@@ -17,7 +18,7 @@ model-level facade ``convert_to_int8(optimizer="quip")`` and the CLI default to 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal, Mapping, NamedTuple
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -32,8 +33,12 @@ __all__ = ["QuIPInt8Converter", "QuIPResult"]
 _STREAMING_MODES = ("off", "minimal", "balanced", "aggressive", "auto")
 
 
-class QuIPResult(NamedTuple):
-    """What :meth:`QuIPInt8Converter.convert` returns (the reference's 9-tuple, with names).
+class QuIPResult(tuple):
+    """What :meth:`QuIPInt8Converter.convert` returns: ``(q, scale, dequantized)`` plus named extras.
+
+    It unpacks as the reference API document shows, ``q, scale, dequantized = converter.convert(W)``;
+    the reference code's six further values stay reachable by name (and all nine, in the reference
+    code's order, through :meth:`as_reference_tuple`).
 
     ``q``: int8 ``[N, K]`` codes as stored; ``scale``: float32, ``[N, 1]`` (per row), ``()`` (one
     scale) or ``[N, K/bs, 1]`` (requant ``"block"``); ``dequantized``: float32 ``[N, K]``, the
@@ -45,17 +50,53 @@ class QuIPResult(NamedTuple):
     (no padding), else 0. For sizes that are not powers of two the signs alone do not describe
     the transform (Paley or random Kronecker factors): write the layer with
     ``quip_extra_tensors(attrs.evolve(converter.last_state, name=layer))``.
+
+    Example:
+        >>> r = QuIPResult(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2, 1), torch.zeros(2, 4))
+        >>> q, scale, deq = r
+        >>> len(r), r.s_u, r.hadamard_size_in, len(r.as_reference_tuple())
+        (3, None, 0, 9)
     """
 
-    q: torch.Tensor
-    scale: torch.Tensor
-    dequantized: torch.Tensor
-    smooth_factors: torch.Tensor | None = None
-    s_u: torch.Tensor | None = None
-    s_v: torch.Tensor | None = None
-    hadamard_quip: bool = False
-    hadamard_size_out: int = 0
-    hadamard_size_in: int = 0
+    #: the names of the extras, in the reference code's order after the first three
+    EXTRAS = ("smooth_factors", "s_u", "s_v", "hadamard_quip", "hadamard_size_out", "hadamard_size_in")
+
+    def __new__(cls, q: torch.Tensor, scale: torch.Tensor, dequantized: torch.Tensor,
+                smooth_factors: torch.Tensor | None = None, s_u: torch.Tensor | None = None,
+                s_v: torch.Tensor | None = None, hadamard_quip: bool = False, hadamard_size_out: int = 0,
+                hadamard_size_in: int = 0) -> "QuIPResult":
+        self = super().__new__(cls, (q, scale, dequantized))
+        self.smooth_factors = smooth_factors
+        self.s_u = s_u
+        self.s_v = s_v
+        self.hadamard_quip = hadamard_quip
+        self.hadamard_size_out = hadamard_size_out
+        self.hadamard_size_in = hadamard_size_in
+        return self
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self[1]
+
+    @property
+    def dequantized(self) -> torch.Tensor:
+        return self[2]
+
+    def as_reference_tuple(self) -> tuple:
+        """All nine values in the reference code's order (``q, scale, dequantized, smooth_factors, s_u,
+        s_v, hadamard_quip, hadamard_size_out, hadamard_size_in``)."""
+        return (*self, *(getattr(self, n) for n in self.EXTRAS))
+
+    def __repr__(self) -> str:
+        extras = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.EXTRAS[3:])
+        return f"QuIPResult(q={tuple(self.q.shape)}, scale={tuple(self.scale.shape)}, {extras})"
+
+    def __reduce__(self):  # pickling/copying keeps the extras (a tuple subclass would drop them)
+        return (QuIPResult, self.as_reference_tuple())
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

@@ -112,6 +112,29 @@ def _fail(path: str, what: str) -> InputError:
     return InputError(f"{path}: {what}")
 
 
+def _pickle_kind(prefix: bytes) -> str | None:
+    """What PyTorch pickle format the first bytes of a file show, if any.
+
+    ``torch.save`` writes a zip archive (``PK\x03\x04``) since torch 1.6 and a bare pickle
+    (protocol opcode ``0x80`` then the protocol number 2..5) before. Only consulted once the bytes
+    failed as a safetensors header, since a valid header length can begin with the same bytes.
+    """
+    if prefix[:4] == b"PK\x03\x04":
+        return "a zip archive, torch.save's format"
+    if len(prefix) >= 2 and prefix[0] == 0x80 and 2 <= prefix[1] <= 5:
+        return f"a pickle, protocol {prefix[1]}"
+    return None
+
+
+def _not_safetensors(path: str, prefix: bytes, what: str) -> InputError:
+    kind = _pickle_kind(prefix)
+    if kind is not None:
+        return _fail(path, f"this is a PyTorch pickle checkpoint ({kind}); cq reads safetensors only and never "
+                           "unpickles (loading a pickle can run arbitrary code). Convert it to .safetensors "
+                           "with a tool you trust, or download the model's .safetensors release")
+    return _fail(path, what)
+
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
@@ -133,7 +156,7 @@ def _parse_entry(path: str, name: str, entry: Any, data_start: int, file_size: i
     if missing:
         raise _fail(path, f"{where}: header entry lacks {sorted(missing)}; the file is not valid safetensors")
     dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise _fail(path, f"{where}: unknown dtype {dtype_name!r}; cq reads {' '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise _fail(path, f"{where}: shape must be a list of non-negative ints, got {shape!r}")
@@ -180,24 +203,27 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise _fail(path, f"not a safetensors file: only {file_size} bytes, too short for the "
-                                  "8-byte header length")
+                raise _not_safetensors(path, prefix, f"not a safetensors file: only {file_size} bytes, too short "
+                                                     "for the 8-byte header length")
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_BYTES or 8 + n > file_size:
-                raise _fail(path, f"not a safetensors file, or truncated: the header length field says "
-                                  f"{n} bytes but the file has {file_size} bytes (limit "
-                                  f"{MAX_HEADER_BYTES}); re-download or re-export it")
+                raise _not_safetensors(path, prefix, f"not a safetensors file, or truncated: the header length "
+                                                     f"field says {n} bytes but the file has {file_size} bytes "
+                                                     f"(limit {MAX_HEADER_BYTES}); re-download or re-export it")
             raw = f.read(n)
     except OSError as e:
         raise _fail(path, f"cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except UnicodeDecodeError:
-        raise _fail(path, "not a safetensors file: the header is not UTF-8 text") from None
+        raise _not_safetensors(path, prefix, "not a safetensors file: the header is not UTF-8 text") from None
+    except RecursionError:  # "[[[[…" nested deeper than the interpreter's limit
+        raise _fail(path, "not a safetensors file: the header nests too deeply to be a safetensors header") from None
     except ValueError as e:  # json.JSONDecodeError or a duplicate key
-        raise _fail(path, f"not a safetensors file: the header is not valid JSON ({e})") from None
+        raise _not_safetensors(path, prefix, f"not a safetensors file: the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
-        raise _fail(path, f"not a safetensors file: the header must be a JSON object, got {type(header).__name__}")
+        raise _not_safetensors(path, prefix, "not a safetensors file: the header must be a JSON object, got "
+                                             f"{type(header).__name__}")
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata  # JSON null is what serde writes for "none"
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):

@@ -20,7 +20,7 @@ from ..errors import ConfigError, CqError
 from ..state import LayerState, record
 from .hadamard import hessian_dtype, kron_apply, regular_hadamard, regular_hadamard_factors
 
-__all__ = ["ConvRot", "ConvRotConfig", "convrot", "convrot_groupsizes", "rotate_hessian"]
+__all__ = ["ConvRot", "ConvRotConfig", "convrot", "convrot_groupsizes", "rotate_hessian", "runtime_rotate"]
 
 #: ``"auto"`` picks the largest of these that divides K (ComfyUI's default is 256).
 AUTO_GROUPSIZES = (256, 64, 16)
@@ -113,7 +113,8 @@ class ConvRot:
         return rotate_hessian(h, self)  # R is symmetric and its own inverse
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rotate(x)
+        """``x · R`` computed the way ComfyUI computes it at runtime (:func:`runtime_rotate`)."""
+        return runtime_rotate(x, self.groupsize)
 
     def matrix(self, k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense ``k × k`` block-diagonal ``R`` (tests and small layers only)."""
@@ -121,6 +122,33 @@ class ConvRot:
             raise ConfigError(f"ConvRot groupsize={self.groupsize} does not divide k={k}")
         h = regular_hadamard(self.groupsize, dtype=dtype)
         return torch.block_diag(*([h] * (k // self.groupsize)))
+
+
+def runtime_rotate(x: torch.Tensor, groupsize: int) -> torch.Tensor:
+    """``x · R`` for activations ``x`` [..., K], computed as comfy-kitchen does at runtime.
+
+    comfy-kitchen multiplies each group of ``G`` features by the dense ``G × G`` matrix in the
+    activations' dtype (one batched matmul); :meth:`ConvRot.rotate` uses Kronecker factors instead.
+    Both are ``x · R`` to ~1e-6, but the per-token int8 codes cq's W8A8 metric computes from the
+    rotated activations flip wherever a value sits that close to a rounding tie; with the runtime's
+    own product the metric reports the runtime's figure (issue 8.2). The entries ``±1/√G`` are
+    powers of two, so the matrix itself is exact in any float dtype. float16/bfloat16 inputs are
+    rotated in float32 (cq's metric works in float32; the runtime's own dtype is the caller's choice).
+
+    Example:
+        >>> x = torch.randn(3, 32)
+        >>> bool(torch.allclose(runtime_rotate(x, 16), ConvRot(16).rotate(x), atol=1e-5))
+        True
+    """
+    if not _is_valid_g(groupsize):
+        raise ConfigError(f"ConvRot groupsize={groupsize!r} must be a power of 4 from 16 up (16, 64, 256, ...)")
+    k = x.shape[-1]
+    if k % groupsize:
+        raise ConfigError(f"ConvRot groupsize={groupsize} does not divide the last dim {k}; valid choices are "
+                          f"{list(convrot_groupsizes(k))}")
+    work = x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
+    h = regular_hadamard(groupsize, dtype=work.dtype)
+    return torch.matmul(work.reshape(-1, k // groupsize, groupsize), h).reshape(work.shape)
 
 
 def _config_groupsize(instance, attribute, value):
