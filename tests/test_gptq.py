@@ -177,12 +177,14 @@ def test_bad_hessians_never_crash(case):
         assert proxy(out) <= proxy(round_to_nearest(s)) * (1 + 1e-6)
 
 
-def test_cholesky_failure_after_all_tries_falls_back_to_rtn_with_warning_note():
+def test_negative_definite_hessian_falls_back_to_rtn_with_warning_note():
+    # issue 8.4: judged before use (it used to be damped until it factored, with meaningless metrics)
     w, h, _ = problem(8, 16, 64, 10)
     s = scaled(w, -h)
     out = gptq_update(s, cfg=GPTQConfig(damping=DampingConfig(max_tries=0)))
     assert torch.equal(out.codes, round_to_nearest(s).codes)
-    assert out.notes[-1].startswith("warning: gptq_update fell back to round-to-nearest")
+    assert out.notes[-1].startswith("warning: Hessian is negative-definite")
+    assert "predicted_rel_out" not in out.metrics
 
 
 def test_wrong_hessian_shape_and_missing_scale_raise():

@@ -133,17 +133,66 @@ def working_dtype(precision: str, k: int, n: int = 0) -> torch.dtype:
     raise ConfigError(f"precision={precision!r} must be 'auto', 'float32' or 'float64'")
 
 
-def hessian_problem(h: torch.Tensor, k: int, *, name: str = "layer") -> str | None:
+def _definiteness_problem(h: torch.Tensor, diag: torch.Tensor, percdamp: float) -> str | None:
+    """Why ``h`` is not positive semi-definite beyond rounding, judged on the damped matrix scaled
+    to unit diagonal (a Cholesky factorization, ``K³/3`` flops), or ``None``."""
+    k = h.shape[0]
+    dead = diag == 0
+    if bool(dead.any()):
+        # In a PSD matrix a zero diagonal entry forces its whole row and column to zero.
+        stray = h[dead].abs().amax(dim=1) > 0
+        if bool(stray.any()):
+            j = int(dead.nonzero()[stray.nonzero()[0, 0], 0])
+            return (f"Hessian is indefinite: input {j} has H[{j},{j}] = 0 but non-zero off-diagonal entries "
+                    "(impossible for 2/T·XᵀX)")
+    # float64 up to K = 2048 (exact enough for any Gram matrix); float32 above, where a float64
+    # factorization would double the cost of the check (the allowance below covers float32).
+    work = torch.float64 if k <= 2048 else torch.float32
+    if bool(dead.any()):
+        live = (~dead).nonzero().reshape(-1)
+        sub = h.index_select(0, live).index_select(1, live).to(work)
+    else:
+        sub = h.to(work, copy=True)
+    n = sub.shape[0]
+    d = sub.diagonal().clone()
+    damp = (percdamp if percdamp > 0 else 1e-6) * float(d.mean())
+    sub.diagonal().add_(damp)
+    inv_sqrt = (d + damp).rsqrt()
+    scaled = sub.mul_(inv_sqrt[:, None]).mul_(inv_sqrt[None, :])  # D^-1/2 (H + damp·I) D^-1/2: unit diagonal
+    # Allowance for rounding in H itself (a float32 XᵀX: each scaled entry off by ~eps) and in the
+    # factorization: K·eps on the unit diagonal. A genuine Gram matrix passes with room to spare;
+    # an indefinite one fails by its negative eigenvalue's size relative to the diagonal.
+    eps = torch.finfo(h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32).eps
+    scaled.diagonal().add_(n * max(eps, torch.finfo(work).eps))
+    _, info = torch.linalg.cholesky_ex(scaled)
+    if int(info) == 0:
+        return None
+    detail = ""
+    if n <= 1024:  # the eigenvalue says by how much, at a cost worth paying only here
+        lam = float(torch.linalg.eigvalsh(scaled.to(torch.float64)).min())
+        detail = f" (smallest eigenvalue {lam:.3g} relative to the diagonal)"
+    return (f"Hessian is indefinite: not positive semi-definite even with damping "
+            f"{percdamp:g} × mean diag{detail}; a Hessian 2/T·XᵀX never is")
+
+
+def hessian_problem(h: torch.Tensor, k: int, *, name: str = "layer", percdamp: float = 0.01) -> str | None:
     """Why ``h`` cannot serve as the Hessian of a layer with ``k`` inputs, or ``None`` if it can.
 
-    Shape problems raise :class:`~cq.errors.InputError` (a caller bug); non-finite values are
-    returned as a reason so that a transform can fall back to round-to-nearest with a note.
+    A Hessian ``2/T·XᵀX`` is finite, symmetric positive semi-definite and (with any calibration
+    data reaching the layer) non-zero. Rejected, each with its reason: non-finite entries; all
+    zeros; negative diagonal entries (negative-definite when all are, else indefinite); and an
+    indefinite matrix, found by a Cholesky factorization of ``H + percdamp·mean(diag H)·I`` scaled
+    to unit diagonal (so the test does not depend on the Hessian's units). Shape problems raise
+    :class:`~cq.errors.InputError` (a caller bug); the rest are returned so that a transform can
+    fall back to round-to-nearest with a warning, or stop when asked to be strict.
 
     Example:
         >>> hessian_problem(torch.eye(3), 3) is None
         True
         >>> hessian_problem(torch.full((2, 2), float("nan")), 2)
         'Hessian has 4 non-finite entries'
+        >>> hessian_problem(torch.tensor([[1.0, 3.0], [3.0, 1.0]]), 2)[:21]
+        'Hessian is indefinite'
     """
     if not isinstance(h, torch.Tensor) or h.ndim != 2 or tuple(h.shape) != (k, k):
         shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
@@ -154,7 +203,19 @@ def hessian_problem(h: torch.Tensor, k: int, *, name: str = "layer") -> str | No
     bad = int((~torch.isfinite(h)).sum())
     if bad:
         return f"Hessian has {bad} non-finite entries"
-    return None
+    if k == 0:
+        return None
+    if not bool((h != 0).any()):
+        return "Hessian is all zeros (no calibration input reached this layer)"
+    diag = h.diagonal()
+    neg = diag < 0
+    n_neg = int(neg.sum())
+    if n_neg == k:
+        return "Hessian is negative-definite (every diagonal entry is < 0; a Hessian 2/T·XᵀX has none)"
+    if n_neg:
+        return (f"Hessian is indefinite: {n_neg} of {k} diagonal entries are < 0 (min {float(diag.min()):.3g}); "
+                "a Hessian 2/T·XᵀX has none")
+    return _definiteness_problem(h, diag, percdamp)
 
 
 def prepare_hessian(h: torch.Tensor, w: torch.Tensor, cfg: DampingConfig = DampingConfig(), *,

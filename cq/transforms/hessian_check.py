@@ -1,0 +1,64 @@
+"""Judge a layer's Hessian before GPTQ/LDLQ use it: fall back to round-to-nearest loudly, or stop.
+
+A Hessian that is NaN/Inf, all zero, negative-definite or indefinite (see
+:func:`~cq.transforms.hessian.hessian_problem`) cannot describe ``2/T·XᵀX``: optimizing against it
+gives codes and predictions that mean nothing. :func:`check_hessian` drops such a Hessian, so the
+next stage rounds to nearest, and says so twice: a :class:`BadHessianWarning` naming the layer and
+the reason (for the console) and a ``warning:`` note (for the report). With ``strict=True`` it raises
+instead, one line, so that a run meant to use calibration data never silently does not.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import attrs
+
+from ..errors import InputError
+from ..state import LayerState, record
+from .hessian import _nonneg_float, hessian_problem
+
+__all__ = ["BadHessianWarning", "HessianCheckConfig", "check_hessian"]
+
+
+class BadHessianWarning(UserWarning):
+    """A layer's Hessian was rejected; the layer is rounded to nearest instead."""
+
+
+@attrs.frozen
+class HessianCheckConfig:
+    """``strict``: raise :class:`~cq.errors.InputError` on a bad Hessian instead of falling back.
+    ``percdamp``: the damping the check allows for, as in :class:`~cq.transforms.hessian.DampingConfig`.
+    """
+
+    strict: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    percdamp: float = attrs.field(default=0.01, validator=_nonneg_float)
+
+
+def check_hessian(state: LayerState, *, cfg: HessianCheckConfig = HessianCheckConfig()) -> LayerState:
+    """Pass a usable Hessian through untouched; drop a bad one with a warning (or raise when strict).
+
+    Example:
+        >>> import torch, warnings
+        >>> s = LayerState.from_weight("blocks.0.fc", torch.randn(4, 2), hessian=-torch.eye(2))
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     out = check_hessian(s)
+        >>> out.hessian is None, str(w[0].message)[:48]
+        (True, 'blocks.0.fc: Hessian is negative-definite (every')
+        >>> check_hessian(s, cfg=HessianCheckConfig(strict=True))
+        Traceback (most recent call last):
+        ...
+        cq.errors.InputError: blocks.0.fc: Hessian is negative-definite (every diagonal entry is < 0; a Hessian 2/T·XᵀX has none); recapture the calibration data for this layer, or run without strict Hessian checks to round it to nearest
+    """
+    if state.hessian is None:
+        return state
+    why = hessian_problem(state.hessian, state.shape[-1], name=state.name, percdamp=cfg.percdamp)
+    if why is None:
+        return state
+    if cfg.strict:
+        raise InputError(f"{state.name}: {why}; recapture the calibration data for this layer, or run without "
+                         "strict Hessian checks to round it to nearest")
+    warnings.warn(f"{state.name}: {why}; this layer is rounded to nearest", BadHessianWarning, stacklevel=2)
+    return record(state, "check_hessian", cfg, hessian=None,
+                  notes=(f"warning: {why}; Hessian ignored, rounded to nearest",))
