@@ -9,7 +9,6 @@ from safetensors.torch import save_file
 from cq.errors import CqError, InputError
 from cq.lora import (
     dampening,
-    layer_name,
     load_lora_for_merging,
     load_lora_tensors,
     load_multiple_loras_for_merging,
@@ -117,21 +116,19 @@ def test_alpha_comes_from_alpha_tensors_first(tmp_path):
     assert torch.equal(qkv["lora_B"], t["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"])
 
 
-def test_alpha_from_metadata_then_rank(tmp_path):
+def test_alpha_is_the_tensor_or_the_rank_as_in_comfyui(tmp_path):
     g = torch.Generator().manual_seed(6)
     t = {"diffusion_model.a.lora_A.weight": torch.randn(2, 8, generator=g),
          "diffusion_model.a.lora_B.weight": torch.randn(8, 2, generator=g),
          "diffusion_model.b.lora_A.weight": torch.randn(4, 8, generator=g),
-         "diffusion_model.b.lora_B.weight": torch.randn(8, 4, generator=g)}
+         "diffusion_model.b.lora_B.weight": torch.randn(8, 4, generator=g),
+         "diffusion_model.b.alpha": torch.tensor(1.5)}
     p = tmp_path / "peft.safetensors"
-    save_file(t, str(p), metadata={"diffusion_model_a_alpha": "1.5"})
+    # header metadata is ignored, as ComfyUI ignores it (the reference read it and ignored the tensors)
+    save_file(t, str(p), metadata={"diffusion_model_a_alpha": "1.5", "ss_network_alpha": "8"})
     lora = load_lora_for_merging(p)
-    assert (lora["diffusion_model.a"]["alpha"], lora["diffusion_model.a"]["alpha_source"]) == (1.5, "metadata")
-    assert (lora["diffusion_model.b"]["alpha"], lora["diffusion_model.b"]["alpha_source"]) == (4.0, "rank")
-    # the reference's per-layer key uses the prefix-stripped name
-    save_file(t, str(p), metadata={"b_alpha": "0.5", "ss_network_alpha": "8"})
-    lora = load_lora_for_merging(p)
-    assert lora["diffusion_model.b"]["alpha"] == 0.5 and lora["diffusion_model.a"]["alpha"] == 8.0
+    assert (lora["diffusion_model.a"]["alpha"], lora["diffusion_model.a"]["alpha_source"]) == (2.0, "rank")
+    assert (lora["diffusion_model.b"]["alpha"], lora["diffusion_model.b"]["alpha_source"]) == (1.5, "tensor")
     assert set(load_lora_tensors(p)) == {"diffusion_model.a", "diffusion_model.b"}
     assert load_lora_tensors(None) == {} and load_lora_tensors("") == {}
 
@@ -145,7 +142,7 @@ def test_loading_errors_and_warnings(tmp_path):
         load_lora_for_merging(garbage)
     half = tmp_path / "half.safetensors"
     save_file({"x.lora_A.weight": torch.zeros(2, 4)}, str(half))
-    with pytest.raises(InputError, match="layer 'x' has lora_A/lora_down but no lora_B/lora_up"):
+    with pytest.raises(InputError, match="LoRA key 'x.lora_A.weight' has no partner 'x.lora_B.weight'"):
         load_lora_for_merging(half)
     ranks = tmp_path / "ranks.safetensors"
     save_file({"x.lora_A.weight": torch.zeros(2, 4), "x.lora_B.weight": torch.zeros(4, 3)}, str(ranks))
@@ -154,8 +151,9 @@ def test_loading_errors_and_warnings(tmp_path):
     dora = tmp_path / "dora.safetensors"
     save_file({"x.lora_A.weight": torch.zeros(2, 4), "x.lora_B.weight": torch.zeros(4, 2),
                "x.dora_scale": torch.ones(4, 1)}, str(dora))
-    with pytest.warns(UserWarning, match=r"1 tensor\(s\) are not lora_A/lora_B/alpha and are NOT merged: x.dora_scale"):
-        assert set(load_lora_for_merging(dora)) == {"x"}
+    with pytest.warns(UserWarning, match=r"3 tensor\(s\) are not plain lora_A/lora_B/alpha matrices and are NOT "
+                                         r"returned: x.dora_scale, x.lora_A.weight, x.lora_B.weight"):
+        assert load_lora_for_merging(dora) == {}
 
 
 def test_multiple_files_keep_path_order_and_source(tmp_path):
@@ -165,7 +163,7 @@ def test_multiple_files_keep_path_order_and_source(tmp_path):
     multi = load_multiple_loras_for_merging([p1, p2])
     entries = multi["lora_unet_double_blocks_0_img_attn_qkv"]
     assert [e["source"] for e in entries] == ["one.safetensors", "two.safetensors"]
-    assert [e["alpha"] for e in entries] == [2.0, 4.0]
+    assert [e["alpha"] for e in entries] == [2.0, 4.0]  # the second file has no alpha: alpha = rank
     with pytest.raises(InputError):
         load_multiple_loras_for_merging([p1, tmp_path / "missing.safetensors"])
 
@@ -192,29 +190,36 @@ def test_kohya_names_map_to_model_layers(tmp_path):
     assert m.targets["lora_unet_single_blocks_1_linear1"] == "model.diffusion_model.single_blocks.1.linear1"
 
 
-@pytest.mark.parametrize("lora_stem", [
-    "diffusion_model.final_layer.linear",          # ComfyUI LoRA against a checkpoint with model. prefix
-    "model.diffusion_model.final_layer.linear",
-    "transformer.final_layer.linear",               # diffusers
-    "base_model.model.final_layer.linear",          # PEFT
-    "final_layer.linear",
+@pytest.mark.parametrize("lora_stem, matched", [
+    ("diffusion_model.final_layer.linear", True),      # ComfyUI's generic name, against a checkpoint
+    ("lora_unet_final_layer_linear", True),            # kohya
+    ("transformer.proj_out", True),                    # diffusers name of a Flux layer
+    ("proj_out", True),                                # DiffSynth (bare diffusers) name
+    ("model.diffusion_model.final_layer.linear", False),  # ComfyUI maps no such name
+    ("transformer.final_layer.linear", False),         # native name with a diffusers prefix: not mapped
+    ("base_model.model.final_layer.linear", False),    # PEFT prefix: SD3 / HunyuanDiT only
 ])
-def test_common_prefixes_are_stripped(lora_stem):
+def test_names_are_matched_as_comfyui_matches_them(lora_stem, matched):
     m = lora_key_map(MODEL_KEYS, [lora_stem])
-    assert m.targets == {lora_stem: "model.diffusion_model.final_layer.linear"}
+    assert m.targets == ({lora_stem: "model.diffusion_model.final_layer.linear"} if matched else {})
+    assert m.unmatched == (() if matched else (lora_stem,))
 
 
-def test_unmatched_and_ambiguous_entries_are_reported():
-    keys = ["transformer.blocks.0.fc.weight", "blocks.0.fc.weight", "blocks.1.fc.weight"]
-    m = lora_key_map(keys, ["blocks.0.fc", "blocks.1.fc", "blocks.9.fc", "lora_unet_blocks_1_fc"])
-    assert m.ambiguous == {"blocks.0.fc": ("transformer.blocks.0.fc", "blocks.0.fc")}
-    assert m.unmatched == ("blocks.9.fc",)
-    assert m("blocks.1.fc.weight") == ("blocks.1.fc", "lora_unet_blocks_1_fc")
+def test_unmatched_entries_are_reported_and_slices_need_shapes():
+    from cq.model import DictView
+
+    keys = ["blocks.0.fc.weight", "blocks.1.fc.weight"]
+    m = lora_key_map(keys, ["diffusion_model.blocks.0.fc", "blocks.9.fc", "lora_unet_blocks_1_fc", "blocks.1.fc"])
+    assert m.unmatched == ("blocks.9.fc", "blocks.1.fc") and m.ambiguous == {}
+    assert m("blocks.1.fc.weight") == ("lora_unet_blocks_1_fc",)
     assert not m.complete
-    assert m.summary() == "2 LoRA layer(s) matched; 1 unmatched (blocks.9.fc); 1 ambiguous (blocks.0.fc)"
-    # prefixes are stripped at the start only (the reference deleted them anywhere in the name)
-    assert lora_key_map(["a.transformer.b.weight"], ["a.b"]).unmatched == ("a.b",)
-    assert layer_name("diffusion_model.transformer.x.weight") == "x"
+    assert m.summary() == "2 LoRA layer(s) matched; 2 unmatched (blocks.9.fc, blocks.1.fc)"
+    # Flux's diffusers q/k/v are slices of the fused qkv: located only when the view has shapes
+    flux = {"img_in.weight": torch.zeros(4, 2), "double_blocks.0.img_attn.qkv.weight": torch.zeros(12, 4)}
+    names = ["transformer.transformer_blocks.0.attn.to_k"]
+    assert lora_key_map(list(flux), names).unmatched == tuple(names)
+    m = lora_key_map(DictView(flux), names)
+    assert m.targets == {names[0]: "double_blocks.0.img_attn.qkv"} and m.slices == {names[0]: (0, 4, 4)}
 
 
 # ---------------------------------------------------------------------------------------------

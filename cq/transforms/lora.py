@@ -1,4 +1,13 @@
-"""Merge LoRA deltas into a layer before it is quantized (the merged weight becomes the target)."""
+"""Merge LoRA deltas into a layer before it is quantized (the merged weight becomes the target).
+
+Two stages share one patch model (:mod:`cq.lora.patches`):
+
+* :func:`merge_lora_patches` applies ComfyUI-style patches (LoRA, LoHa, LoKr, DoRA, diff, set; whole
+  tensors or slices of fused ones) to any tensor, weight or bias; the conversion's LoRA merge
+  (:func:`cq.lora_merge.merge_loras`) produces these stages;
+* :func:`merge_lora` merges explicit ``(A, B, alpha, rank, scale)`` factors into a 2-D weight (the
+  reference tool's arithmetic, for Python users).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +19,10 @@ import torch
 
 from ..errors import ConfigError, CqError
 from ..lora import check_lora_fits, dampening, lora_delta
+from ..lora.patches import LoraPatch, apply_patch
 from ..state import LayerState, record
 
-__all__ = ["LoraFactors", "MergeLoraConfig", "merge_lora"]
+__all__ = ["LoraFactors", "MergeLoraConfig", "merge_lora", "PatchEntry", "LoraPatchesConfig", "merge_lora_patches"]
 
 
 def _tensor_repr(t: torch.Tensor) -> str:
@@ -120,3 +130,94 @@ def merge_lora(state: LayerState, *, cfg: MergeLoraConfig = MergeLoraConfig()) -
             new_weight = state.weight.detach().to(cd) + delta
     note = f"merged {len(used)} LoRA{'s' if len(used) > 1 else ''} ({'; '.join(used)})"
     return record(state, "merge_lora", cfg, note=note, weight=new_weight, original=new_original)
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI-style patches
+
+
+def _offset(value):
+    if value is None:
+        return None
+    if not (isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(v, int) for v in value)
+            and value[0] >= 0 and value[1] >= 0 and value[2] > 0):
+        raise ConfigError(f"a patch offset must be (dim, start, length) with dim, start >= 0 and length > 0; "
+                          f"got {value!r}")
+    return tuple(value)
+
+
+@attrs.frozen(eq=False)
+class PatchEntry:
+    """One patch for one tensor: the patch, its strength, where it applies, and which file it came from.
+
+    ``offset = (dim, start, length)`` restricts the patch to ``tensor.narrow(dim, start, length)``
+    (a slice of a fused weight); ``function`` names a :data:`cq.lora.keymap.FUNCTIONS` entry applied
+    to the delta (e.g. ``"swap_scale_shift"``).
+    """
+
+    patch: LoraPatch
+    strength: float = attrs.field(default=1.0, converter=float)
+    offset: tuple[int, int, int] | None = attrs.field(default=None, converter=_offset)
+    function: str | None = None
+    source: str = ""
+
+    @strength.validator
+    def _finite(self, attribute, value):
+        if not math.isfinite(value):
+            raise ConfigError(f"patch strength={value!r} must be finite")
+
+    def describe(self) -> str:
+        where = ""
+        if self.offset is not None:
+            d, a, n = self.offset
+            where = f" rows {a}:{a + n}" if d == 0 else f" dim {d} {a}:{a + n}"
+        return f"{self.source or 'LoRA'}{where}: {self.patch.kind} x{self.strength:g}"
+
+
+@attrs.frozen(eq=False)
+class LoraPatchesConfig:
+    """The patches of one tensor, applied in order (ComfyUI applies a model's patches in load order)."""
+
+    patches: tuple[PatchEntry, ...] = attrs.field(default=(), converter=tuple)
+
+    @patches.validator
+    def _entries(self, attribute, value):
+        for p in value:
+            if not isinstance(p, PatchEntry):
+                raise ConfigError(f"LoraPatchesConfig.patches must hold PatchEntry values, got {type(p).__name__}")
+
+
+def merge_lora_patches(state: LayerState, *, cfg: LoraPatchesConfig = LoraPatchesConfig()) -> LayerState:
+    """Apply ComfyUI-style LoRA patches to the layer in its original basis, in float32.
+
+    Works on any tensor shape (a bias edit sees a 1-D weight). The merged tensor becomes both
+    ``original`` and (mapped into the working basis, if any) ``weight``; it stays float32 so that
+    quantization sees the exact merged values. Must run before quantization.
+
+    Example:
+        >>> from cq.lora import LoraPatch
+        >>> p = LoraPatch("diff", {"diff": torch.ones(1)})
+        >>> s = merge_lora_patches(LayerState.from_weight("fc.bias", torch.zeros(2, dtype=torch.bfloat16)),
+        ...                        cfg=LoraPatchesConfig((PatchEntry(p, 0.5, (0, 1, 1), source="a"),)))
+        >>> s.weight.dtype, s.weight.tolist(), s.notes
+        (torch.float32, [0.0, 0.5], ('merged 1 LoRA patch (a rows 1:2: diff x0.5)',))
+    """
+    if not cfg.patches:
+        return state
+    if state.codes is not None:
+        raise CqError(f"{state.name}: merge_lora_patches must run before quantization (the state already has "
+                      "codes); put the LoRA merge first")
+    original = state.original if state.original is not None else state.weight
+    merged = original
+    for entry in cfg.patches:
+        if entry.offset is not None:
+            d, a, n = entry.offset
+            if d >= merged.ndim or a + n > merged.shape[d]:
+                raise CqError(f"{state.name}: LoRA key {entry.patch.name!r} targets {entry.offset} of a tensor "
+                              f"{list(merged.shape)}; the slice lies outside it")
+        merged = apply_patch(merged, entry.patch, entry.strength, entry.offset, entry.function)
+    basis = getattr(state, "basis", None)
+    weight = merged if basis is None else basis.to_working(merged)
+    n = len(cfg.patches)
+    note = f"merged {n} LoRA patch{'es' if n > 1 else ''} ({'; '.join(e.describe() for e in cfg.patches)})"
+    return record(state, "merge_lora_patches", cfg, note=note, weight=weight, original=merged)

@@ -1,26 +1,21 @@
-"""LoRA files: loading (PEFT/diffusers, ComfyUI and kohya names), key matching and merging.
+"""The reference tool's LoRA API (``load_lora_for_merging`` ...), kept working on top of cq's one patch model.
 
 A LoRA adds ``ΔW = scale · (alpha / rank) · B @ A`` to a weight ``W`` [N, K], with ``A`` [r, K]
 (``lora_A`` / ``lora_down``) and ``B`` [N, r] (``lora_B`` / ``lora_up``).
 
-Differences from the reference (``convert_to_quant.utils.tensor_utils``), all deliberate:
+These functions keep the reference's names and return shapes; underneath they use the same file
+reader (:func:`cq.io.lora_file.read_lora_file`), patch model (:mod:`cq.lora.patches`) and key map
+(:mod:`cq.lora.keymap`) as the conversion's merge (:func:`cq.lora_merge.merge_loras`). Differences
+from the reference, all deliberate:
 
-* ``alpha`` comes from the ``<stem>.alpha`` tensor first (kohya files store it there; the
-  reference ignored it and so merged kohya LoRAs ``alpha/rank`` times too strongly or weakly),
-  then from the header metadata (``<stem with . → _>_alpha`` as the reference read it, then
-  kohya's file-wide ``ss_network_alpha``), and only then defaults to ``rank``. The source is
-  recorded in each entry's ``"alpha_source"``.
-* Several LoRAs are dampened once, by ``0.9**i`` for the i-th (see :func:`merge_multiple_loras`);
-  the reference's pipeline applied that factor twice (``0.81**i``).
+* ``alpha`` comes from the ``<stem>.alpha`` tensor, else equals ``rank`` (a scale of 1), exactly as
+  ComfyUI reads it; the reference read header metadata and ignored the tensors.
+* Several LoRAs are dampened once, by ``0.9**i`` for the i-th (see :func:`merge_multiple_loras`).
 * The merge never modifies its inputs and accumulates in float32 (float64 for float64 weights).
-* Keys are returned as they are in the file (the stem before ``.lora_A.weight``); matching them
-  to a model is :func:`lora_key_map`, which strips the usual prefixes at the *start* of a name
-  only, understands kohya's ``lora_unet_`` names, and reports what it could not match instead of
-  silently skipping it.
-* A half pair (``A`` without ``B``), mismatched ranks, or a missing file is an
-  :class:`~cq.errors.InputError`; tensors that are not LoRA matrices (DoRA ``dora_scale``,
-  ``.diff``, LoKr/LoHa factors) produce a warning, because merging the rest would not reproduce
-  what the file does.
+* :func:`lora_key_map` matches names with ComfyUI's forward key map, not by stripping prefixes.
+* A half pair, mismatched ranks, or a missing file is an :class:`~cq.errors.InputError`; layers that
+  are not plain 2-D LoRA (LoHa, LoKr, DoRA, ``.diff``, LoCon) are left out with a warning: merge
+  them with :func:`cq.lora_merge.merge_loras`.
 """
 
 from __future__ import annotations
@@ -34,11 +29,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import attrs
 import torch
 
-from .errors import InputError
+from ..errors import InputError
+from ..io.lora_file import read_lora_file
+from .keymap import comfy_key_map
+from .patches import patches_from_group
 
 __all__ = [
-    "LORA_PREFIXES",
-    "KOHYA_PREFIXES",
     "DAMPEN_BASE",
     "load_lora_tensors",
     "load_lora_for_merging",
@@ -50,17 +46,8 @@ __all__ = [
     "dampening",
     "LoraKeyMap",
     "lora_key_map",
-    "layer_name",
 ]
 
-_A_SUFFIXES = (".lora_A.weight", ".lora_down.weight")
-_B_SUFFIXES = (".lora_B.weight", ".lora_up.weight")
-_ALPHA_SUFFIX = ".alpha"
-
-#: Prefixes stripped (repeatedly, at the start of a name only) before matching LoRA and model names.
-LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
-#: kohya/sd-scripts prefixes; the rest of such a name is the model's layer name with ``.`` → ``_``.
-KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 #: The i-th LoRA merged into one layer is dampened by ``DAMPEN_BASE ** i`` (when dampening is on).
 DAMPEN_BASE = 0.9
 
@@ -69,54 +56,13 @@ DAMPEN_BASE = 0.9
 # Loading
 
 
-def _split(key: str) -> tuple[str, str] | None:
-    """``(stem, role)`` with role ``A``, ``B`` or ``alpha``; ``None`` for other tensors."""
-    for suffixes, role in ((_A_SUFFIXES, "A"), (_B_SUFFIXES, "B"), ((_ALPHA_SUFFIX,), "alpha")):
-        for s in suffixes:
-            if key.endswith(s) and len(key) > len(s):
-                return key[: -len(s)], role
-    return None
-
-
-def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    p = os.fspath(path)
-    if not os.path.exists(p):
-        raise InputError(f"LoRA file not found: {p!r}")
-    if os.path.isdir(p):
-        raise InputError(f"LoRA path {p!r} is a directory; pass a .safetensors file")
-    try:
-        with safe_open(p, framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"cannot read LoRA file {p!r} as safetensors: {e}") from None
-    return tensors, meta
-
-
-def _metadata_alpha(meta: Mapping[str, str], stem: str) -> float | None:
-    candidates = [stem.replace(".", "_") + "_alpha", _strip_prefixes(stem).replace(".", "_") + "_alpha",
-                  "ss_network_alpha"]
-    for key in candidates:
-        if key in meta:
-            try:
-                value = float(meta[key])
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(value):
-                return value
-    return None
-
-
-def _warn_ignored(path: str, ignored: Sequence[str]) -> None:
-    if not ignored:
+def _warn_left_out(name: str, left: Sequence[str]) -> None:
+    if not left:
         return
-    shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
-    dora = any(k.endswith("dora_scale") for k in ignored)
+    shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
     warnings.warn(
-        f"LoRA {os.path.basename(path)!r}: {len(ignored)} tensor(s) are not lora_A/lora_B/alpha and are NOT "
-        f"merged: {shown}" + (" (DoRA magnitude vectors: cq merges plain LoRA only)" if dora else ""),
+        f"LoRA {name!r}: {len(left)} tensor(s) are not plain lora_A/lora_B/alpha matrices and are NOT returned: "
+        f"{shown} (cq.lora_merge.merge_loras merges LoHa, LoKr, DoRA and diffs as ComfyUI does)",
         UserWarning, stacklevel=3,
     )
 
@@ -124,10 +70,10 @@ def _warn_ignored(path: str, ignored: Sequence[str]) -> None:
 def load_lora_for_merging(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """Load a LoRA file as ``{stem: {"lora_A", "lora_B", "alpha", "rank", "alpha_source"}}``.
 
-    ``stem`` is the file's key without ``.lora_A.weight`` / ``.lora_down.weight`` (no prefix is
-    removed; :func:`lora_key_map` matches stems to a model). ``alpha`` is a float from the
-    ``<stem>.alpha`` tensor, else the header metadata, else ``rank`` (``alpha_source`` says which:
-    ``"tensor"``, ``"metadata"``, ``"rank"``). ``rank = lora_A.shape[0]``.
+    ``stem`` is the file's layer prefix (the key without ``.lora_A.weight``, ``.lora_down.weight``
+    or another spelling ComfyUI accepts; no prefix is removed). ``alpha`` is a float from the
+    ``<stem>.alpha`` tensor (``alpha_source == "tensor"``), else ``rank`` (``"rank"``: a scale of 1,
+    as ComfyUI). ``rank = lora_A.shape[0]``.
 
     Raises:
         InputError: missing or unreadable file, an A without its B (or the reverse), ranks that
@@ -145,47 +91,35 @@ def load_lora_for_merging(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         (2, 1.0, 'tensor')
         >>> tmp.cleanup()
     """
-    p = os.fspath(path)
-    tensors, meta = _read(p)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    ignored = []
-    for key, t in tensors.items():
-        hit = _split(key)
-        if hit is None:
-            ignored.append(key)
-            continue
-        stem, role = hit
-        if role in parts.setdefault(stem, {}):
-            raise InputError(f"LoRA {p!r}: layer {stem!r} has two {role} matrices (e.g. both lora_A and "
-                             "lora_down); keep one naming scheme")
-        parts[stem][role] = t
-    _warn_ignored(p, ignored)
-
+    f = read_lora_file(path)
+    keys = f.group_keys
     out: dict[str, dict[str, Any]] = {}
-    for stem, roles in parts.items():
-        if "A" not in roles and "B" not in roles:
-            continue  # a bare alpha (e.g. for a layer the file does not train) carries nothing
-        if ("A" in roles) != ("B" in roles):
-            have, miss = ("lora_A/lora_down", "lora_B/lora_up") if "A" in roles else ("lora_B/lora_up",
-                                                                                       "lora_A/lora_down")
-            raise InputError(f"LoRA {p!r}: layer {stem!r} has {have} but no {miss}; the file is incomplete")
-        a, b = roles["A"], roles["B"]
-        if a.ndim < 2 or b.ndim < 2 or a.shape[0] != b.shape[1]:
-            raise InputError(f"LoRA {p!r}: layer {stem!r} has A {list(a.shape)} and B {list(b.shape)}; "
+    left: list[str] = list(f.ungrouped)
+    for prefix, group in f.groups.items():
+        weight, bias, used = patches_from_group(prefix, group)
+        plain = (weight is not None and weight.kind == "lora" and "mid" not in weight.tensors
+                 and weight.dora_scale is None and bias is None)
+        if not plain:
+            left += [keys[prefix][s] for s in sorted(group) if s != ".alpha" or weight is not None]
+            continue
+        left += [keys[prefix][s] for s in sorted(set(group) - used)]
+        a, b = weight.tensors["down"], weight.tensors["up"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise InputError(f"LoRA {f.name!r}: layer {prefix!r} has A {list(a.shape)} and B {list(b.shape)}; "
                              "expected A [rank, in] and B [out, rank] with the same rank")
         rank = int(a.shape[0])
-        if "alpha" in roles and roles["alpha"].numel() == 1:
-            alpha, source = float(roles["alpha"].reshape(()).to(torch.float64)), "tensor"
-        else:
-            alpha = _metadata_alpha(meta, stem)
-            source = "metadata" if alpha is not None else "rank"
-            alpha = float(rank) if alpha is None else alpha
-        out[stem] = {"lora_A": a, "lora_B": b, "alpha": alpha, "rank": rank, "alpha_source": source}
+        alpha, source = (weight.alpha, "tensor") if weight.alpha is not None else (float(rank), "rank")
+        out[prefix] = {"lora_A": a, "lora_B": b, "alpha": alpha, "rank": rank, "alpha_source": source}
+    _warn_left_out(f.name, left)
     return out
 
 
 def load_lora_tensors(path: str | os.PathLike | None) -> dict[str, torch.Tensor]:
-    """``{stem: A}`` (the down/A matrices ``[rank, in]``) of a LoRA file; ``{}`` for an empty path."""
+    """``{stem: A}`` (the down/A matrices ``[rank, in]``) of a LoRA file; ``{}`` for an empty path.
+
+    To find the base layer of each ``A`` use :func:`cq.lora_merge.lora_rows_for`, which matches names
+    exactly as ComfyUI does.
+    """
     if not path:
         return {}
     return {stem: e["lora_A"] for stem, e in load_lora_for_merging(path).items()}
@@ -300,41 +234,36 @@ def merge_multiple_loras(weight: torch.Tensor, lora_configs: Sequence[Mapping[st
 # Matching LoRA names to model layers
 
 
-def _strip_prefixes(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in LORA_PREFIXES:
-            if name.startswith(p) and len(name) > len(p):
-                name, changed = name[len(p):], True
-    return name
+class _KeysView:
+    """A model view with keys and, where given, shapes (enough for the key map)."""
 
+    def __init__(self, keys: Iterable[str], shapes: Mapping[str, Sequence[int]] | None = None):
+        self._keys = list(dict.fromkeys(keys))
+        self._shapes = dict(shapes or {})
 
-def layer_name(key: str) -> str:
-    """A model key's layer stem (``.weight`` removed) without the usual prefixes.
+    def keys(self) -> list[str]:
+        return self._keys
 
-    Example:
-        >>> layer_name("model.diffusion_model.double_blocks.0.img_attn.qkv.weight")
-        'double_blocks.0.img_attn.qkv'
-    """
-    stem = key[: -len(".weight")] if key.endswith(".weight") else key
-    return _strip_prefixes(stem)
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._shapes[key])
 
 
 @attrs.frozen
 class LoraKeyMap:
-    """Which model layer each LoRA entry targets.
+    """Which model layer each LoRA entry targets (by ComfyUI's key map).
 
-    Calling it with a model key or stem returns the LoRA stems that target that layer (usually
-    zero or one). ``targets`` maps LoRA stem → model stem; ``unmatched`` lists LoRA stems that
-    target no model layer; ``ambiguous`` lists LoRA stems that fit several model layers (e.g. a
-    model holding both ``transformer.x`` and ``x``) with the candidates; neither kind is merged.
+    Calling it with a model key or stem returns the LoRA stems that target that layer.
+    ``targets`` maps LoRA stem → model stem (the base key without ``.weight``); ``slices`` maps the
+    stems that patch only rows of a fused weight to ``(dim, start, length)``; ``unmatched`` lists
+    LoRA stems ComfyUI would not load. ``ambiguous`` is kept for the reference's API and is always
+    empty: ComfyUI's map gives each LoRA name one target.
     """
 
     targets: Mapping[str, str]
     unmatched: tuple[str, ...]
     ambiguous: Mapping[str, tuple[str, ...]]
     _by_layer: Mapping[str, tuple[str, ...]] = attrs.field(repr=False)
+    slices: Mapping[str, tuple[int, int, int]] = attrs.field(factory=dict)
 
     def __call__(self, model_key: str) -> tuple[str, ...]:
         stem = model_key[: -len(".weight")] if model_key.endswith(".weight") else model_key
@@ -342,26 +271,24 @@ class LoraKeyMap:
 
     @property
     def complete(self) -> bool:
-        """Whether every LoRA entry found exactly one model layer."""
+        """Whether every LoRA entry found its model layer."""
         return not self.unmatched and not self.ambiguous
 
     def summary(self) -> str:
-        """One line for logs: counts, and the first unmatched/ambiguous names."""
+        """One line for logs: counts, and the first unmatched names."""
         parts = [f"{len(self.targets)} LoRA layer(s) matched"]
-        for what, names in (("unmatched", self.unmatched), ("ambiguous", tuple(self.ambiguous))):
-            if names:
-                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-                parts.append(f"{len(names)} {what} ({shown})")
+        if self.unmatched:
+            names = self.unmatched
+            parts.append(f"{len(names)} unmatched ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
         return "; ".join(parts)
 
 
-def lora_key_map(base_keys: Iterable[str], lora_bases: Iterable[str]) -> LoraKeyMap:
-    """Match LoRA stems to model layers, reporting what does not match.
+def lora_key_map(base_keys: Iterable[str] | Any, lora_bases: Iterable[str]) -> LoraKeyMap:
+    """Match LoRA stems to model layers with ComfyUI's forward key map, reporting what does not match.
 
-    ``base_keys``: the model's weight keys (``.weight`` is stripped) or layer stems.
-    ``lora_bases``: LoRA stems (e.g. the keys of :func:`load_lora_for_merging`). Both sides lose
-    the prefixes :data:`LORA_PREFIXES` at the start; a LoRA stem starting with a kohya prefix
-    (:data:`KOHYA_PREFIXES`) is compared with the model names written with ``_`` for ``.``.
+    ``base_keys``: the model's tensor keys, or a :class:`~cq.model.ModelView` (its shapes locate the
+    fused-weight slices of Flux/SD3 diffusers names; plain keys map whole tensors only).
+    ``lora_bases``: LoRA stems (e.g. the keys of :func:`load_lora_for_merging`).
 
     Example:
         >>> m = lora_key_map(["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"],
@@ -369,32 +296,26 @@ def lora_key_map(base_keys: Iterable[str], lora_bases: Iterable[str]) -> LoraKey
         >>> m("model.diffusion_model.double_blocks.0.img_attn.qkv.weight"), m.unmatched
         (('lora_unet_double_blocks_0_img_attn_qkv',), ('diffusion_model.nope',))
     """
-    dotted: dict[str, list[str]] = {}
-    kohya: dict[str, list[str]] = {}
-    for key in base_keys:
-        stem = key[: -len(".weight")] if key.endswith(".weight") else key
-        name = _strip_prefixes(stem)
-        for index, k in ((dotted, name), (kohya, name.replace(".", "_"))):
-            if stem not in index.setdefault(k, []):
-                index[k].append(stem)
-
+    view = base_keys if hasattr(base_keys, "keys") and hasattr(base_keys, "shape") else _KeysView(base_keys)
+    km = comfy_key_map(view)
     targets: dict[str, str] = {}
+    slices: dict[str, tuple[int, int, int]] = {}
     unmatched: list[str] = []
-    ambiguous: dict[str, tuple[str, ...]] = {}
     by_layer: dict[str, list[str]] = {}
     for lora in dict.fromkeys(lora_bases):
-        prefix = next((p for p in KOHYA_PREFIXES if lora.startswith(p)), None)
-        found = kohya.get(lora[len(prefix):], []) if prefix else dotted.get(_strip_prefixes(lora), [])
-        if not found:
+        t = km.get(lora)
+        if t is None:
             unmatched.append(lora)
-        elif len(found) > 1:
-            ambiguous[lora] = tuple(found)
-        else:
-            targets[lora] = found[0]
-            by_layer.setdefault(found[0], []).append(lora)
+            continue
+        stem = t.key[: -len(".weight")] if t.key.endswith(".weight") else t.key
+        targets[lora] = stem
+        if t.offset is not None:
+            slices[lora] = t.offset
+        by_layer.setdefault(stem, []).append(lora)
     return LoraKeyMap(
         targets=types.MappingProxyType(targets),
         unmatched=tuple(unmatched),
-        ambiguous=types.MappingProxyType(ambiguous),
+        ambiguous=types.MappingProxyType({}),
         by_layer=types.MappingProxyType({k: tuple(v) for k, v in by_layer.items()}),
+        slices=types.MappingProxyType(slices),
     )
