@@ -107,8 +107,11 @@ class ConversionReport:
         head = " ".join(f"{c:<{w}}" if i < 3 else f"{c:>{w}}" for i, (c, w) in enumerate(cols))
         lines = [head, "-" * len(head)]
 
-        def num(v, fmt):
-            return format(v, fmt) if v is not None else f"{'-':>{int(fmt.split('.')[0])}}"
+        def num(v, fmt, exact_ok=False):
+            # A non-finite error or prediction (no signal, a failed factorization) means nothing; only
+            # an SQNR of +inf does (the layer is exact).
+            ok = isinstance(v, (int, float)) and (math.isfinite(v) or (exact_ok and v == math.inf))
+            return format(v, fmt) if ok else f"{'-':>{int(fmt.split('.')[0])}}"
 
         for r in self.converted:
             m = r.metrics
@@ -116,7 +119,7 @@ class ConversionReport:
             name = r.name if len(r.name) <= 44 else "…" + r.name[-43:]
             scale = "x".join(map(str, r.scale_shape)) if r.scale_shape else ("()" if r.scale_shape == () else "-")
             lines.append(
-                f"{name:<44} {r.format or '-':<16} {scale:<10} {num(m.get('sqnr_db'), '8.2f')} "
+                f"{name:<44} {r.format or '-':<16} {scale:<10} {num(m.get('sqnr_db'), '8.2f', True)} "
                 f"{num(out, '8.5f')} {num(m.get('w8a8'), '9.5f')} {num(m.get('predicted_rel_out'), '8.5f')} "
                 f"{num(m.get('rel_out_rtn_h'), '8.5f')}"
             )
