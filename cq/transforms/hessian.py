@@ -12,6 +12,7 @@ need is the Cholesky factor of the *reversed* Hessian, ``J H J = C Cᵀ`` (``C``
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import attrs
@@ -461,6 +462,33 @@ def _rel(noise: float, signal: float) -> float:
 INNER_BLOCK = 16
 
 
+@contextlib.contextmanager
+def one_thread(t: torch.Tensor | None = None):
+    """Run the block on one CPU thread (no-op for tensors on other devices), restoring the count after.
+
+    Why: MKL's multi-threaded Cholesky (``potrf``) sums in a thread-count-dependent order; its
+    last-bit differences (~1e-6 relative in float32) pass through LDLQ/GPTQ's error feedback and
+    change thousands of codes. Single-threaded, the factor is a function of its input alone, so
+    the codes are the same bytes for 1, 2 or N threads (the GEMMs and triangular solves of the
+    feedback loop are, measured: they split rows/columns, never a sum). The factorization is a
+    small part of GPTQ's time (4096²: 0.4 s on one thread).
+
+    Example:
+        >>> with one_thread():
+        ...     torch.get_num_threads()
+        1
+    """
+    threads = torch.get_num_threads()
+    single = threads > 1 and (t is None or t.device.type == "cpu")
+    if single:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if single:
+            torch.set_num_threads(threads)
+
+
 def feedback_columns(wt: torch.Tensor, s32: torch.Tensor, coef: torch.Tensor, *, block_size: int,
                      inner: int = INNER_BLOCK, divide: torch.Tensor | None = None,
                      targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -578,7 +606,8 @@ def feedback_round(state: LayerState, cfg, *, stage: str, solve) -> LayerState:
     # 2^j·H) and it keeps Hinv's entries and the scaled errors away from float32 over/underflow.
     unit = 2.0 ** -round(math.log2(prep.base))
     h_rev.mul_(unit)
-    chol = robust_cholesky(h_rev, cfg.damping, damp=prep.damp * unit, base=prep.base * unit)
+    with one_thread(h_rev):
+        chol = robust_cholesky(h_rev, cfg.damping, damp=prep.damp * unit, base=prep.base * unit)
     del h_rev
     notes.extend(chol.notes)
     if not chol.ok:
