@@ -153,9 +153,51 @@ class LoraPatch:
             if tuple(self.tensors["weight"].shape) != tuple(shape):
                 raise self._error(f"set_weight {list(self.tensors['weight'].shape)}", shape)
             return
-        self.raw_delta(tuple(shape))
+        shape = tuple(shape)
+        # the delta's [rows, columns] from the factor shapes alone: planning a merge must not compute it
+        t = {k: tuple(v.shape) for k, v in self.tensors.items()}
+        try:
+            if self.kind == "lora":
+                up, down = t["up"], t["down"]
+                r_up = math.prod(up[1:])
+                if "mid" in t:
+                    mid = t["mid"]
+                    if len(mid) != 4 or mid[1] != down[0]:
+                        raise self._error(f"lora_mid {list(mid)} does not fit down {list(down)}", shape)
+                    r_down, cols = mid[0], down[1] * mid[2] * mid[3]
+                else:
+                    r_down, cols = down[0], math.prod(down[1:])
+                if r_up != r_down:
+                    raise self._error(f"up {list(up)} and down {list(down)} have different ranks", shape)
+                self._check(up[0], cols, shape)
+            elif self.kind == "loha":
+                if "t1" in t:
+                    m1 = (t["w1a"][1], t["w1b"][1]) + t["t1"][2:]
+                    m2 = (t["w2a"][1], t["w2b"][1]) + t["t2"][2:]
+                else:
+                    if t["w1a"][1] != t["w1b"][0] or t["w2a"][1] != t["w2b"][0]:
+                        raise self._error(f"LoHa factors {t} have mismatched ranks", shape)
+                    m1, m2 = (t["w1a"][0], t["w1b"][1]), (t["w2a"][0], t["w2b"][1])
+                if m1 != m2:
+                    raise self._error(f"its two Hadamard factors are {list(m1)} and {list(m2)}", shape)
+                self._check(m1[0], math.prod(m1[1:]), shape)
+            elif self.kind == "lokr":
+                w1 = t["w1"] if "w1" in t else (t["w1a"][0], t["w1b"][1])
+                if "w2" in t:
+                    w2 = t["w2"]
+                elif "t2" in t:
+                    w2 = (t["w2a"][1], t["w2b"][1]) + t["t2"][2:]
+                else:
+                    w2 = (t["w2a"][0], t["w2b"][1])
+                if len(w1) != 2:
+                    raise self._error(f"lokr_w1 {list(w1)} is not a matrix", shape)
+                self._check(w1[0] * w2[0], w1[1] * math.prod(w2[1:]), shape)
+            elif self.kind == "diff" and t["diff"] != shape:
+                raise self._error(f"diff {list(t['diff'])}", shape)
+        except (KeyError, IndexError):
+            raise self._error(f"its factors {t} are incomplete", shape) from None
         if self.dora_scale is not None:
-            _dora_norm_shape(self, tuple(shape))
+            _dora_norm_shape(self, shape)
 
 
 def _dora_norm_shape(patch: LoraPatch, shape: tuple[int, ...]) -> tuple[int, ...]:
