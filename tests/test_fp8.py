@@ -14,8 +14,9 @@ from cq.io.comfy import QUANT_METADATA_KEY
 from cq.io.comfy_fp8 import fp8_comfy_quant_entry, fp8_layer_tensors
 from cq.state import LayerState, PerRow
 from cq.transforms import MetricsConfig, ScaleConfig, absmax_scale, reconstruct, round_to_nearest
-from cq.transforms.fp8 import (E4M3_MAX, Fp8Config, Fp8InputScaleWarning, fp8_linear, fp8_output_error,
-                               fp8_pipeline, fp8_round, fp8_scale, measure_fp8, quantize_e4m3)
+from cq.transforms.fp8 import (E4M3_MAX, Fp8Config, Fp8InputScaleWarning, Fp8MetricsConfig, fp8_linear,
+                               fp8_measure_stage, fp8_output_error, fp8_pipeline, fp8_round, fp8_scale, measure_fp8,
+                               quantize_e4m3)
 
 from property_tests.test_fp8_laws import GRID, oracle  # the float64 definition of the e4m3 grid
 
@@ -42,6 +43,20 @@ def test_pipeline_per_tensor_scale_and_quality():
     # e4m3 has 3 mantissa bits: relative error ≈ 2^-4/√3·(uniform) → about 30-32 dB on Gaussian weights
     assert 28 < m["sqnr_db"] < 35
     assert m["rel_out_x"] < 0.04 and m["rel_out_x"] < m["w8a8"] < 0.08
+
+
+def test_full_precision_matrix_mult_metric_is_the_weight_only_error():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 64, generator=g) * 0.02
+    x = torch.randn(64, 64, generator=g)
+    s = fp8_pipeline()(LayerState.from_weight("fc", w))
+    fp32 = measure_fp8(s, cfg=Fp8MetricsConfig(x=x, full_precision_matrix_mult=True, compute_dtype=torch.float32))
+    # in float32 the dequantize + matmul path is the weight-only error up to float32 rounding
+    assert math.isclose(fp32.metrics["w8a8"], fp32.metrics["rel_out_x"], rel_tol=1e-4)
+    act = measure_fp8(s, cfg=Fp8MetricsConfig(x=x))
+    assert act.metrics["w8a8"] > 1.2 * act.metrics["rel_out_x"]  # fp8 activations add their own error
+    staged = fp8_measure_stage(s, tokens=16, seed=0)(s)
+    assert staged.stage_names()[-1] == "measure_fp8" and "w8a8" in staged.metrics
 
 
 def test_fp8_is_worse_than_per_row_int8_on_gaussian_weights():

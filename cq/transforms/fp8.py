@@ -31,7 +31,7 @@ from .scales import SCALE_FLOOR
 __all__ = [
     "FP8_FORMAT", "FP8_FORMATS", "E4M3_MAX", "Fp8Config", "Fp8InputScaleWarning",
     "e4m3_spacing", "quantize_e4m3", "fp8_scale", "fp8_input_scale", "fp8_round", "fp8_linear",
-    "fp8_output_error", "measure_fp8", "fp8_pipeline", "fp8_measure_stage", "is_fp8_state",
+    "fp8_output_error", "Fp8MetricsConfig", "measure_fp8", "fp8_pipeline", "fp8_measure_stage", "is_fp8_state",
 ]
 
 #: The FP8 format cq writes (ComfyUI ``QUANT_ALGOS`` name and safetensors F8_E4M3 storage).
@@ -203,27 +203,57 @@ def fp8_output_error(state: LayerState, x: torch.Tensor, *, compute_dtype: torch
     return _rel(float(((y.to(torch.float64) - ref) ** 2).sum()), float((ref ** 2).sum()))
 
 
-def measure_fp8(state: LayerState, *, cfg: MetricsConfig = MetricsConfig()) -> LayerState:
-    """:func:`~cq.transforms.measure` for FP8 layers: the same weight and output metrics, and ``w8a8``
-    = the runtime's fp8-activation forward error (:func:`fp8_output_error`, bf16 compute).
+@attrs.frozen(eq=False)
+class Fp8MetricsConfig:
+    """What :func:`measure_fp8` computes.
 
-    Records ``sqnr_db``, ``mse``, ``max_error``; with ``cfg.x`` also ``rel_out_x`` (weight-only,
-    the dequantize path) and ``w8a8``; with a Hessian ``rel_out_h``.
+    ``x``: input rows [T, K] for the output errors (none: weight metrics, and ``rel_out_h`` with a
+    Hessian). ``full_precision_matrix_mult``: the layer is written with that flag (text encoders
+    always run so), so ComfyUI dequantizes and runs a ``compute_dtype`` matmul instead of the fp8 one:
+    the runtime error is then the weight-only error in ``compute_dtype``.
+    """
+
+    x: torch.Tensor | None = attrs.field(default=None, repr=lambda t: "None" if t is None else f"Tensor{tuple(t.shape)}")
+    full_precision_matrix_mult: bool = False
+    compute_dtype: torch.dtype = torch.bfloat16
+
+
+def _weight_only_runtime_error(state: LayerState, x: torch.Tensor, compute_dtype: torch.dtype) -> float:
+    """``dequantize()`` to ``compute_dtype``, then a ``compute_dtype`` matmul (the fpmm / LoRA path)."""
+    w = state.original if state.original is not None else state.weight
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    ref = x2.to(torch.float64) @ w.detach().to(torch.float64).t()
+    deq = (state.codes.to(compute_dtype) * state.scale.to(compute_dtype))
+    y = (x2.to(compute_dtype) @ deq.t()).to(torch.float64)
+    return _rel(float(((y - ref) ** 2).sum()), float((ref ** 2).sum()))
+
+
+def measure_fp8(state: LayerState, *, cfg: Fp8MetricsConfig | MetricsConfig = Fp8MetricsConfig()) -> LayerState:
+    """:func:`~cq.transforms.measure` for FP8 layers: the same weight and output metrics, and ``w8a8`` =
+    the error of the forward ComfyUI runs for this layer (fp8 activations, :func:`fp8_output_error`;
+    with ``full_precision_matrix_mult`` the dequantized bf16 matmul).
+
+    Records ``sqnr_db``, ``mse``, ``max_error``; with ``cfg.x`` also ``rel_out_x`` (weight-only, float32)
+    and ``w8a8``; with a Hessian ``rel_out_h``. A plain :class:`~cq.transforms.MetricsConfig` is
+    accepted (its ``x`` is used; no fpmm, bf16 compute).
 
     Example:
         >>> s = fp8_round(fp8_scale(LayerState.from_weight("fc", torch.randn(8, 16))))
-        >>> m = measure_fp8(s, cfg=MetricsConfig(x=torch.randn(4, 16))).metrics
+        >>> m = measure_fp8(s, cfg=Fp8MetricsConfig(x=torch.randn(4, 16))).metrics
         >>> sorted(m), 25 < m["sqnr_db"] < 40
         (['max_error', 'mse', 'rel_out_x', 'sqnr_db', 'w8a8'], True)
     """
     if not is_fp8_state(state) or state.codes is None:
         raise CqError(f"{state.name}: measure_fp8 needs an FP8 state (format {state.format!r}); use measure for int8")
+    fpmm = bool(getattr(cfg, "full_precision_matrix_mult", False))
+    compute_dtype = getattr(cfg, "compute_dtype", torch.bfloat16)
     original = state.original if state.original is not None else state.weight
     deq = working_dequantized(state)  # FP8 layers have no basis: the working basis is the original one
     m = weight_metrics(original, deq)
     if cfg.x is not None:
         m["rel_out_x"] = rel_output_error(original, deq, x=cfg.x)
-        m["w8a8"] = fp8_output_error(state, cfg.x)
+        m["w8a8"] = (_weight_only_runtime_error(state, cfg.x, compute_dtype) if fpmm
+                     else fp8_output_error(state, cfg.x, compute_dtype=compute_dtype))
     if state.hessian is not None:
         m["rel_out_h"] = rel_output_error(state.weight, deq, hessian=state.hessian)
     return record(state, "measure_fp8", cfg, metrics=m)
@@ -248,9 +278,10 @@ def fp8_pipeline(cfg: Fp8Config = Fp8Config()):
     return pipeline(*stages)
 
 
-def fp8_measure_stage(state: LayerState, tokens: int, seed: int):
+def fp8_measure_stage(state: LayerState, tokens: int, seed: int, *, full_precision_matrix_mult: bool = False):
     """A ``measure_fp8`` stage on the same per-layer inputs as :func:`cq.recipes.measure_stage`."""
     from ..pipeline import stage
     from ..recipes import metrics_inputs
 
-    return stage(measure_fp8, MetricsConfig(x=metrics_inputs(state, tokens, seed)))
+    return stage(measure_fp8, Fp8MetricsConfig(x=metrics_inputs(state, tokens, seed),
+                                                full_precision_matrix_mult=full_precision_matrix_mult))
