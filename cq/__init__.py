@@ -11,7 +11,8 @@ from .calibration_file import Calibration, attach_calibration, load_calibration,
 from .config import ConvertConfig
 from .constants import (COMPUTE_DTYPE, INT8_MAX, INT8_MIN, INT8_SYMMETRIC_MAX, SCALE_DTYPE, TARGET_INT8_DTYPE,
                         VALID_QUANT_FORMATS, FilterFlags, HessianMatrix, LayerConfig, ScaleTensor, WeightTensor)
-from .convert import convert_file
+from .convert import LayerPlan, convert_file, plan_model
+from .model import DictView, ModelEdits, ModelView
 from .converters import GPTQInt8Converter, LearnedRoundingConverter, QuIPInt8Converter
 from .converters.gptq import gptq_pipeline
 from .converters.quip import QuIPResult
@@ -27,7 +28,7 @@ from .lora import (load_lora_for_merging, load_lora_tensors, load_multiple_loras
 from .pipeline import Pipeline, Stage, pipeline, stage, tap
 from .presets import MODEL_FILTERS, PRESETS, Preset
 from .quality import QualityReporter, compute_max_error, compute_mse, compute_quality_metrics, compute_sqnr
-from .recipes import optimizer_pipeline, rtn_pipeline
+from .recipes import FP16, GPTQ, RTN, QuIP, recipe_pipeline, register_recipe, rtn_pipeline
 from .report import ConversionReport, LayerReport
 from .selection import Decision, LayerOverride, SelectionConfig, decide, iter_decisions
 from .state import LayerState, PerBlock, PerGroup, PerRow, PerTensor, record
@@ -47,7 +48,8 @@ __all__ = [
     # cq's own API
     "ConvertConfig", "convert_file", "ConversionReport", "LayerReport", "SelectionConfig", "LayerOverride",
     "Decision", "decide", "iter_decisions", "PRESETS", "Preset", "lora_key_map", "SafetensorsWriter",
-    "write_safetensors", "validate_comfy_file", "check_with_comfy_kitchen", "rtn_pipeline", "optimizer_pipeline",
+    "write_safetensors", "validate_comfy_file", "check_with_comfy_kitchen", "rtn_pipeline", "recipe_pipeline", "register_recipe", "RTN", "GPTQ", "QuIP", "FP16",
+    "LayerPlan", "plan_model", "ModelEdits", "ModelView", "DictView",
     "LayerState", "PerTensor", "PerRow", "PerBlock", "PerGroup", "record", "Stage", "Pipeline", "pipeline",
     "stage", "tap",
     "capture", "HessianStats", "hessian_init", "hessian_update", "hessian_finalize", "save_calibration",

@@ -1,25 +1,31 @@
-"""The conversion configuration: one frozen record, built from cq's own options or the legacy kwargs."""
+"""The conversion configuration: one frozen record, validated when it is built.
+
+Which pipeline a layer gets is decided by :mod:`cq.recipes` from ``recipe`` (the INT8 recipe of the
+run) and the layer's selection decision; this record only holds the choices.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Any, Callable
 
 import attrs
+import torch
 
-from ._validators import one_of, positive_int
+from ._validators import positive_int
 from .errors import ConfigError
 from .kernels import Backend
+from .recipes import GPTQ, RTN, recipe_info
 from .state import Granularity, PerBlock, PerRow, PerTensor
 
-__all__ = ["ConvertConfig", "granularity_for", "SCALING_MODES", "OPTIMIZERS"]
+__all__ = ["ConvertConfig", "granularity_for", "resolve_device", "SCALING_MODES", "DEVICE_CHOICES"]
 
 #: Scaling modes accepted by the CLI / facade and the scale layout each produces.
 #: ``axis`` is the reference's name for per-row scales; cq writes it the way ComfyUI reads it ([N, 1]).
 SCALING_MODES = ("tensor", "row", "axis", "block")
-#: ``rtn`` is round-to-nearest; ``gptq``/``quip`` are data-aware; the reference's learned-rounding
-#: optimizers (``original``, ``adamw``, ``radam``) are accepted names that raise NotImplementedError.
-OPTIMIZERS = ("rtn", "gptq", "quip", "original", "adamw", "radam")
-LEARNED_ROUNDING = ("original", "adamw", "radam")
+#: ``auto`` is CUDA when available, else the CPU; ``cuda:N`` picks a GPU.
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def granularity_for(scaling_mode: str | None, block_size: int | None) -> Granularity:
@@ -39,44 +45,108 @@ def granularity_for(scaling_mode: str | None, block_size: int | None) -> Granula
                       "use 'row' (the ComfyUI-native default) unless you need another layout")
 
 
+def _device(instance, attribute, value):
+    if not isinstance(value, str) or not _DEVICE.match(value):
+        raise ConfigError(f"device={value!r} is not one of {list(DEVICE_CHOICES)} (e.g. 'cuda:1')")
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device a run uses: ``auto`` → CUDA when available, else the CPU.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: this machine has no CUDA device (torch {torch.__version__}); "
+                              "use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+        value = [value]
+    return tuple(str(v) for v in value)
+
+
+def _transforms(value: Any) -> tuple[Callable, ...]:
+    value = tuple(value or ())
+    bad = [v for v in value if not callable(v)]
+    if bad:
+        raise ConfigError(f"model_transforms must be callables ModelView -> ModelEdits, got {bad!r}")
+    return value
+
+
 @attrs.frozen(kw_only=True)
 class ConvertConfig:
     """Everything :func:`cq.convert.convert_file` needs to know, validated at construction.
 
-    ``selection`` is a :class:`cq.selection.SelectionConfig` (which tensors, presets, overrides);
-    ``gptq`` / ``quip`` hold the optimizer configs when that optimizer is chosen.
+    ``recipe`` is the INT8 recipe of quantized layers (:class:`~cq.recipes.RTN` by default, or
+    :class:`~cq.recipes.GPTQ`, :class:`~cq.recipes.QuIP`, or any registered record); layers the
+    selection sends to fp16 use :class:`~cq.recipes.FP16`. ``selection`` is a
+    :class:`cq.selection.SelectionConfig` (which tensors, presets, per-layer overrides).
+    ``model_transforms`` run on the whole model before the per-layer pipelines (see :mod:`cq.model`);
+    ``merge_loras`` adds the LoRA merge among them.
+
+    Example:
+        >>> ConvertConfig(recipe=GPTQ(), calibration_path="calib.safetensors").recipe.granularity
+        PerRow()
+        >>> ConvertConfig(calibration_path="calib.safetensors")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        cq.errors.ConfigError: calibration data ... RTN ...
     """
 
-    comfy: bool = True  # False: the reference's legacy non-comfy layout (`.scale_weight`)
-    target: Literal["int8", "fp16"] = attrs.field(default="int8", validator=one_of(("int8", "fp16")))
-    scaling_mode: str | None = attrs.field(default=None, validator=one_of(SCALING_MODES, optional=True))
-    block_size: int = attrs.field(default=128, validator=positive_int)
-    legacy_axiswise: bool = False  # write per-row scales as [N] "int8_axiswise" (fork custom nodes only)
-    optimizer: str = attrs.field(default="rtn", validator=one_of(OPTIMIZERS))
+    recipe: Any = attrs.field(factory=RTN)
     selection: Any = None  # cq.selection.SelectionConfig
+    # output format
+    comfy: bool = True  # False: the reference's legacy non-comfy layout (`.scale_weight`)
+    legacy_axiswise: bool = False  # write per-row scales as [N] "int8_axiswise" (fork custom nodes only)
     full_precision_matrix_mult: bool = False
     save_quant_metadata: bool = False
     include_input_scale: bool = False
-    low_memory: bool = False
-    quality_threshold: float = 30.0
+    # calibration
     calibration_path: str | None = None
     synthetic_calibration: bool = False  # the reference's Gaussian-noise Hessians (not data-aware)
     calib_samples: int = attrs.field(default=6144, validator=positive_int)
     calibration_lora_path: str | None = None
+    # model-level steps
+    merge_loras: tuple[str, ...] = attrs.field(default=(), converter=_paths)
+    merge_lora_scale: float = attrs.field(default=1.0, converter=float)
+    merge_lora_dampen: bool = True
+    model_transforms: tuple[Callable, ...] = attrs.field(default=(), converter=_transforms)
+    # run
     seed: int = 0
-    gptq: Any = None  # cq.transforms.gptq.GPTQConfig
-    quip: Any = None  # cq.transforms.quip.QuIPConfig
     metrics_tokens: int = attrs.field(default=64, validator=attrs.validators.ge(0))
+    quality_threshold: float = 30.0
+    low_memory: bool = False
     backend: Backend = attrs.field(default=Backend.AUTO, converter=Backend)
+    device: str = attrs.field(default="auto", validator=_device)
 
     def __attrs_post_init__(self):
-        if self.legacy_axiswise and self.scaling_mode not in (None, "row", "axis"):
+        info = recipe_info(self.recipe)  # an unregistered recipe fails here, before any file is read
+        if self.legacy_axiswise and getattr(self.recipe, "granularity", PerRow()) != PerRow():
             raise ConfigError(f"legacy_axiswise=True writes per-row scales as [N]; it cannot be combined with "
-                              f"scaling_mode={self.scaling_mode!r}")
+                              f"{self.recipe!r}")
         if self.include_input_scale and self.comfy:
             raise ConfigError("include_input_scale only applies to the legacy non-comfy format; ComfyUI ignores "
                               "input_scale for int8_tensorwise, so cq does not write it (drop the option)")
-
-    @property
-    def granularity(self) -> Granularity:
-        return granularity_for(self.scaling_mode, self.block_size)
+        if (self.calibration_path or self.synthetic_calibration) and not info.uses_hessian:
+            what = "calibration data" if self.calibration_path else "synthetic calibration"
+            raise ConfigError(f"{what} is only used by data-aware recipes (GPTQ, QuIP); the recipe is "
+                              f"{type(self.recipe).__name__} ({self.recipe!r}), which would ignore it. Choose "
+                              "optimizer 'gptq' or 'quip', or drop the calibration option")
+        if self.calibration_lora_path and not self.synthetic_calibration and not self.calibration_path:
+            raise ConfigError("calibration_lora_path only shapes the synthetic Hessians; set synthetic_calibration "
+                              "(the facade does when an optimizer is gptq/quip) or drop it")
+        if not self.merge_loras and (self.merge_lora_scale != 1.0 or not self.merge_lora_dampen):
+            raise ConfigError("merge_lora_scale / merge_lora_dampen need LoRA files to merge (merge_loras); "
+                              "pass the LoRA paths or drop these options")

@@ -1,157 +1,329 @@
-"""The model-level runner: stream a safetensors file layer by layer through per-layer pipelines."""
+"""The runner: decide what each tensor is → build its pipeline from a plan → run → write.
+
+Who does what:
+
+* :func:`plan_model` decides, once per tensor and before anything is computed, what happens to it
+  (:class:`LayerPlan`: quantize with which recipe, keep, remove, or ride along with its layer as a
+  bias). Selection rules come from :mod:`cq.selection`, the recipe from :mod:`cq.recipes`; a user's
+  ``plan=`` function may rewrite any plan.
+* Model transforms (:mod:`cq.model`: LoRA merging, smoothing folds, your own) see the whole model
+  lazily and return per-tensor edit stages.
+* :func:`layer_pipeline` composes a layer's stages: edits → Hessian attach → recipe → measure.
+* :func:`convert_file` streams the file: one tensor in memory at a time, moved to the run's device
+  for its pipeline and back, written through the atomic writer (no output survives a failure).
+
+Example (a per-layer plan of your own: keep every attention projection at per-tensor scales):
+
+    >>> import attrs
+    >>> from cq.recipes import RTN
+    >>> from cq.state import PerTensor
+    >>> def my_plan(p):
+    ...     return p.with_recipe(RTN(PerTensor())) if p.action == "quantize" and ".attn." in p.key else p
+    >>> # convert_file("model.safetensors", "out.safetensors", ConvertConfig(), plan=my_plan)
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
-from typing import Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 import torch
 
-from .config import ConvertConfig, granularity_for
+from .config import ConvertConfig, granularity_for, resolve_device
 from .errors import ConfigError
-from .pipeline import Pipeline
-from .recipes import fp16_pipeline, measure_stage, optimizer_pipeline
+from .model import LoaderView, ModelEdits, ModelTransform, ModelView, run_model_transforms
+from .pipeline import Pipeline, pipeline, stage
+from .recipes import FP16, Recipe, measure_stage, recipe_info, recipe_pipeline, with_granularity
 from .report import ConversionReport, LayerReport
 from .state import LayerState
+from .transforms.attach import HessianInput, attach_hessian
 
-__all__ = ["convert_file", "HessianSource"]
+__all__ = ["convert_file", "LayerPlan", "plan_model", "layer_pipeline", "HessianSource", "ProgressFn",
+           "model_transforms_for"]
 
 log = logging.getLogger("cq.convert")
 
-#: ``on_layer(stem, index, total)`` is called before each quantized layer (CLI progress bars).
-ProgressFn = Callable[[str, int, int], None]
+#: ``progress(key, recipe, done_bytes, total_bytes)``: called before each tensor is processed
+#: (``recipe`` is the recipe's name for converted layers, ``None`` for kept tensors) and once at the
+#: end with ``key=None``. Bytes are the input's stored bytes, so the estimate suits layers of any size.
+ProgressFn = Callable[[str | None, str | None, int, int], None]
+
+ACTIONS = ("quantize", "keep", "remove", "with_layer")
+
+
+@attrs.frozen(kw_only=True)
+class LayerPlan:
+    """What the runner does with one tensor.
+
+    ``action``: ``quantize`` (run ``recipe``: a registered recipe record or a
+    :class:`~cq.pipeline.Pipeline`), ``keep`` (copy, after any model-level edits), ``remove``, or
+    ``with_layer`` (a bias written by its layer's pipeline, whose key is ``layer``).
+    ``bias_key`` names the bias a quantized layer carries. ``reason`` is for the report.
+    """
+
+    key: str
+    action: str = attrs.field(validator=attrs.validators.in_(ACTIONS))
+    reason: str = ""
+    recipe: Any = None
+    bias_key: str | None = None
+    layer: str | None = None
+    full_precision_matrix_mult: bool = False
+
+    @property
+    def stem(self) -> str:
+        return self.key[: -len(".weight")] if self.key.endswith(".weight") else self.key
+
+    def with_recipe(self, recipe: Recipe | Pipeline) -> "LayerPlan":
+        """This plan, quantized with ``recipe`` (validated when the run is planned).
+
+        Example:
+            >>> from cq.recipes import RTN
+            >>> LayerPlan(key="a.weight", action="keep").with_recipe(RTN()).action
+            'quantize'
+        """
+        return attrs.evolve(self, action="quantize", recipe=recipe)
+
+    def recipe_name(self) -> str:
+        r = self.recipe
+        return "pipeline" if isinstance(r, Pipeline) else type(r).__name__
+
+
+def _recipe_for(decision, cfg: ConvertConfig, key: str) -> Recipe:
+    """The one rule: fp16 target → FP16; int8 → the run's recipe with the layer's scaling override."""
+    if decision.target == "fp16":
+        return FP16()
+    recipe = cfg.recipe
+    if decision.scaling_mode is not None:
+        gran = granularity_for(decision.scaling_mode, decision.block_size)
+        return with_granularity(recipe, gran, layer=key)
+    if decision.block_size is not None and type(getattr(recipe, "granularity", None)).__name__ == "PerBlock":
+        return with_granularity(recipe, granularity_for("block", decision.block_size), layer=key)
+    return recipe
+
+
+def plan_model(view: ModelView, cfg: ConvertConfig, *,
+               plan: Callable[[LayerPlan], LayerPlan] | None = None) -> tuple[LayerPlan, ...]:
+    """Every tensor's plan, in file order; ``plan`` (yours) may rewrite each one.
+
+    Raises ConfigError for a plan that cannot run (unknown recipe, override a recipe cannot take),
+    before anything is computed or written.
+    """
+    from .selection import SelectionConfig, decide
+
+    selection = cfg.selection if cfg.selection is not None else SelectionConfig()
+    keys = view.keys()
+    plans: dict[str, LayerPlan] = {}
+    for key in keys:
+        d = decide(key, view.shape(key), view.dtype(key), selection)
+        if d.action == "quantize":
+            p = LayerPlan(key=key, action="quantize", reason=d.reason, recipe=_recipe_for(d, cfg, key),
+                          full_precision_matrix_mult=bool(d.full_precision_matrix_mult or cfg.full_precision_matrix_mult))
+        else:
+            p = LayerPlan(key=key, action=d.action, reason=d.reason)
+        if plan is not None:
+            p = plan(p)
+            if not isinstance(p, LayerPlan) or p.key != key:
+                raise ConfigError(f"plan({key!r}) must return a LayerPlan for the same key, got {p!r}")
+        plans[key] = p
+    for key, p in plans.items():
+        if p.action != "quantize":
+            continue
+        if len(view.shape(key)) != 2:
+            raise ConfigError(f"{key}: only 2-D weights can be quantized, this one is {list(view.shape(key))}; "
+                              "keep it (or let the selection rules decide)")
+        if not isinstance(p.recipe, Pipeline):
+            recipe_info(p.recipe)  # unknown recipe types fail now, not mid-file
+        bias = p.stem + ".bias"
+        if key.endswith(".weight") and bias in plans and plans[bias].action == "keep":
+            plans[key] = attrs.evolve(p, bias_key=bias)
+            plans[bias] = attrs.evolve(plans[bias], action="with_layer", layer=key,
+                                       reason=f"bias of {p.stem}, written with its layer")
+    return tuple(plans[k] for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hessians: calibration files and the reference's synthetic mode.
 
 
 class HessianSource:
     """Where each layer's Hessian comes from: a calibration file, the synthetic mode, or nowhere (H = I)."""
 
-    def __init__(self, cfg: ConvertConfig):
+    def __init__(self, cfg: ConvertConfig, view: ModelView | None = None):
         self.cfg = cfg
         self.calibration = None
-        self.lora_rows = {}
-        self._synthetic_cache: dict[int, torch.Tensor] = {}
+        self.lora_rows: Mapping[str, torch.Tensor] = {}
+        self._gaussian: dict[int, torch.Tensor] = {}
         if cfg.calibration_path:
             from .calibration_file import load_calibration
 
             self.calibration = load_calibration(cfg.calibration_path)
-        if cfg.calibration_lora_path:
-            from .lora import load_lora_tensors
+        if cfg.calibration_lora_path and view is not None:
+            from .lora import lora_rows_for
 
-            self.lora_rows = load_lora_tensors(cfg.calibration_lora_path)
+            self.lora_rows = lora_rows_for(view.keys(), cfg.calibration_lora_path)
+            if not self.lora_rows:
+                log.warning("warning: calibration LoRA %s matches no layer of the model; synthetic Hessians are "
+                            "plain Gaussian", cfg.calibration_lora_path)
 
-    @property
-    def wanted(self) -> bool:
-        has_source = self.calibration is not None or self.cfg.synthetic_calibration
-        return self.cfg.optimizer in ("gptq", "quip") and has_source
-
-    def __call__(self, stem: str, k: int) -> tuple[torch.Tensor | None, str | None]:
-        """(Hessian or None, note for the report)."""
-        if not self.wanted:
-            return None, None
+    def __call__(self, plan: LayerPlan, k: int) -> HessianInput | None:
+        """The attach config for ``plan``'s layer, or ``None`` when its recipe uses no Hessian."""
+        if isinstance(plan.recipe, Pipeline) or not recipe_info(plan.recipe).uses_hessian:
+            return None
+        stem = plan.stem
         if self.calibration is not None:
             h = self.calibration.hessian(stem)
             if h is not None:
-                if tuple(h.shape) != (k, k):
-                    raise ConfigError(f"{stem}: calibration Hessian has shape {tuple(h.shape)}, the weight needs "
-                                      f"[{k}, {k}]; the calibration file belongs to another model")
-                return h, None
+                return HessianInput(h, source="calibration")
             if not self.cfg.synthetic_calibration:
-                return None, "no calibration entry for this layer: H = I (round-to-nearest quality)"
+                return HessianInput(None, note="no calibration entry for this layer: H = I (round-to-nearest quality)")
+        if not self.cfg.synthetic_calibration:
+            return None  # no data at all: GPTQ/LDLQ say "H = I" themselves
         from .calibration_file import synthetic_hessian
 
-        if k not in self._synthetic_cache:
-            rows = next((a for name, a in self.lora_rows.items() if name.endswith(stem) or stem.endswith(name)
-                         if a.shape[-1] == k), None)
-            self._synthetic_cache[k] = synthetic_hessian(k, samples=self.cfg.calib_samples, seed=self.cfg.seed,
-                                                         lora_rows=rows)
-        return self._synthetic_cache[k], "synthetic Gaussian Hessian (not data-aware)"
+        rows = self.lora_rows.get(plan.key)
+        note = "synthetic Gaussian Hessian (not data-aware)"
+        if rows is not None and rows.shape[-1] == k:
+            # Layer-specific: the LoRA's rows of *this* layer shape its Hessian (never shared by width).
+            h = synthetic_hessian(k, samples=self.cfg.calib_samples, seed=self.cfg.seed, lora_rows=rows)
+            return HessianInput(h, note=note + ", shaped by its calibration-LoRA rows", source="synthetic")
+        if k not in self._gaussian:
+            self._gaussian[k] = synthetic_hessian(k, samples=self.cfg.calib_samples, seed=self.cfg.seed)
+        return HessianInput(self._gaussian[k], note=note, source="synthetic")
 
 
-def _hoist_repeated_notes(reports: list[LayerReport]) -> tuple[list[LayerReport], list[str]]:
-    """Say a note shared by several layers (e.g. "no calibration: H = I") once, in the run's notes."""
-    counts: dict[str, int] = {}
-    for r in reports:
-        for n in set(r.notes):
-            counts[n] = counts.get(n, 0) + 1
-    repeated = [n for n, c in counts.items() if c > 1]
-    if not repeated:
-        return reports, []
-    shared = [f"{n} ({counts[n]} layers)" for n in repeated]
-    return [attrs.evolve(r, notes=tuple(n for n in r.notes if n not in repeated)) for r in reports], shared
+# ---------------------------------------------------------------------------------------------
+# One layer.
 
 
-def _layer_pipeline(cfg: ConvertConfig, decision, cache: dict) -> Pipeline:
-    target = decision.target or cfg.target
-    if target == "fp16":
-        key = ("fp16",)
-    else:
-        # `simple` (the reference's --simple) only switches off learned rounding, which cq never runs
-        # unasked; like the reference it leaves GPTQ and QuIP on.
-        mode = decision.scaling_mode or cfg.scaling_mode
-        bs = decision.block_size or cfg.block_size
-        key = ("int8", mode, bs, cfg.optimizer)
-    if key not in cache:
-        if key[0] == "fp16":
-            cache[key] = fp16_pipeline()
-        else:
-            _, mode, bs, opt = key
-            cache[key] = optimizer_pipeline(opt, granularity_for(mode, bs), gptq=cfg.gptq, quip=cfg.quip,
-                                            backend=cfg.backend)
-    return cache[key]
+def layer_pipeline(plan: LayerPlan, cfg: ConvertConfig, *, edits: ModelEdits = ModelEdits(),
+                   hessian: HessianInput | None = None, measure_on: LayerState | None = None) -> Pipeline:
+    """A quantized layer's stages: model edits → Hessian attach → recipe → measure.
+
+    ``measure_on`` is the state the metric inputs are drawn for (they depend on its Hessian); without
+    it the pipeline has no measure stage.
+    """
+    head = list(edits.stages.get(plan.key, ()))
+    if hessian is not None:
+        head.append(stage(attach_hessian, hessian))
+    body = recipe_pipeline(plan.recipe, backend=cfg.backend)
+    pipe = pipeline(*head).then(*body.stages)
+    if measure_on is not None:
+        quantized = isinstance(plan.recipe, Pipeline) or recipe_info(plan.recipe).quantized
+        pipe = pipe.then(measure_stage(measure_on, cfg.metrics_tokens if quantized else 0, cfg.seed, cfg.backend))
+    return pipe
 
 
-def _convert_layer(stem: str, w: torch.Tensor, d, cfg: ConvertConfig, hessians: HessianSource,
-                   pipes: dict) -> tuple[dict[str, torch.Tensor], LayerReport, dict | None]:
-    """Run one layer's pipeline; return the tensors to write, its report row and its quant entry."""
+def _run_layer(plan: LayerPlan, view: ModelView, cfg: ConvertConfig, edits: ModelEdits, hessians: HessianSource,
+               device: torch.device) -> tuple[dict[str, torch.Tensor], LayerReport, dict | None]:
     from .io import layer_tensors
     from .io.comfy import decode_comfy_quant
 
-    h, h_note = hessians(stem, w.shape[1])
-    state = LayerState.from_weight(stem, w.to(torch.float32), hessian=h,
-                                   notes=(h_note,) if h_note else ())
-    int8 = (d.target or cfg.target) == "int8"
-    pipe = _layer_pipeline(cfg, d, pipes).then(
-        measure_stage(state, cfg.metrics_tokens if int8 else 0, cfg.seed, cfg.backend))
-    out = pipe(state)
-    fpmm = bool(d.full_precision_matrix_mult or cfg.full_precision_matrix_mult)
+    stem = plan.stem
+    w = view.tensor(plan.key)
+    bias = None
+    bias_dtype = None
+    if plan.bias_key is not None:
+        b = view.tensor(plan.bias_key)
+        bias_dtype = b.dtype
+        bias = edits.apply(plan.bias_key, b)
+    h_in = hessians(plan, w.shape[1])
+    state = LayerState.from_weight(stem, w.to(torch.float32), bias=bias).to(device)
+    # The metric inputs depend on the Hessian the layer will see; draw them from the attached one.
+    probe = state if h_in is None or h_in.hessian is None else attach_hessian(state, cfg=h_in)
+    out = layer_pipeline(plan, cfg, edits=edits, hessian=h_in, measure_on=probe)(state).to("cpu")
+    if out.bias is not None and bias_dtype is not None:
+        out = attrs.evolve(out, bias=out.bias.to(bias_dtype))
     tensors = layer_tensors(out, comfy=cfg.comfy, legacy_axiswise=cfg.legacy_axiswise,
-                            full_precision_matrix_mult=fpmm)
+                            full_precision_matrix_mult=plan.full_precision_matrix_mult)
     scale_t = tensors.get(f"{stem}.weight_scale", tensors.get(f"{stem}.scale_weight"))
     if not cfg.comfy and cfg.include_input_scale and scale_t is not None:
         tensors[f"{stem}.scale_input"] = torch.ones_like(scale_t)
     label = tensors.get(f"{stem}.comfy_quant")
     entry = None if label is None else decode_comfy_quant(label, name=stem)  # what ComfyUI will read
-    report = LayerReport(name=stem, action="quantize", reason=d.reason,
-                         format=(entry or {}).get("format", out.format), shape=tuple(w.shape), scale_shape=None if scale_t is None else tuple(scale_t.shape),
+    report = LayerReport(name=stem, action="quantize", reason=plan.reason, recipe=plan.recipe_name(),
+                         format=(entry or {}).get("format", out.format), shape=tuple(w.shape),
+                         scale_shape=None if scale_t is None else tuple(scale_t.shape),
                          metrics=dict(out.metrics), notes=out.notes)
     return tensors, report, entry
 
 
-def convert_file(input_file: str, output_file: str, cfg: ConvertConfig, *,
-                 on_layer: ProgressFn | None = None) -> ConversionReport:
+# ---------------------------------------------------------------------------------------------
+# The model.
+
+
+def model_transforms_for(cfg: ConvertConfig) -> tuple[ModelTransform, ...]:
+    """The model transforms a config asks for: LoRA merging first, then the user's, in order."""
+    out: list[ModelTransform] = []
+    if cfg.merge_loras:
+        from .lora import LoraMergeConfig, merge_loras
+
+        out.append(functools.partial(merge_loras, cfg=LoraMergeConfig(paths=cfg.merge_loras, scale=cfg.merge_lora_scale,
+                                                                      dampen=cfg.merge_lora_dampen)))
+    out.extend(cfg.model_transforms)
+    return tuple(out)
+
+
+class _NoteLog:
+    """Per-layer notes on the console: each distinct note once with its first layer, then a count."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def layer(self, name: str, notes: Iterable[str]) -> None:
+        for n in dict.fromkeys(notes):
+            self.counts[n] = self.counts.get(n, 0) + 1
+            if self.counts[n] == 1:
+                log.warning("warning: %s: %s", name, n)
+
+    def repeated(self) -> list[str]:
+        return [f"{n} ({c} layers)" for n, c in self.counts.items() if c > 1]
+
+
+def _hoist_repeated_notes(reports: list[LayerReport]) -> list[LayerReport]:
+    """A note shared by several layers is said once, in the run's notes, not in every row."""
+    counts: dict[str, int] = {}
+    for r in reports:
+        for n in set(r.notes):
+            counts[n] = counts.get(n, 0) + 1
+    repeated = {n for n, c in counts.items() if c > 1}
+    if not repeated:
+        return reports
+    return [attrs.evolve(r, notes=tuple(n for n in r.notes if n not in repeated)) for r in reports]
+
+
+def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = ConvertConfig(), *,
+                 plan: Callable[[LayerPlan], LayerPlan] | None = None,
+                 model_transforms: Iterable[ModelTransform] = (),
+                 progress: ProgressFn | None = None) -> ConversionReport:
     """Convert ``input_file`` to ``output_file`` following ``cfg``; returns the per-layer report.
 
-    Tensors are read one at a time (with ``cfg.low_memory`` straight from disk) and written through
-    a streaming, atomic writer: a failure at any layer leaves no output file and the input untouched.
+    ``plan`` rewrites per-tensor plans (see :class:`LayerPlan` and the module example);
+    ``model_transforms`` run after the config's own (LoRA merge). Tensors are read one at a time
+    (with ``cfg.low_memory`` straight from disk) and written through a streaming, atomic writer: a
+    failure at any layer leaves no output file and the input untouched.
     """
-    from .io.comfy import NATIVE_FORMATS
     from .io import NonNativeFormatWarning, SafetensorsWriter, UnifiedSafetensorsLoader, quantization_metadata
-    from .selection import SelectionConfig, decide
+    from .io.comfy import NATIVE_FORMATS
 
     start = time.perf_counter()
-    selection = cfg.selection if cfg.selection is not None else SelectionConfig()
-    hessians = HessianSource(cfg)
+    device = resolve_device(cfg.device)
     reports: list[LayerReport] = []
     entries: dict[str, dict] = {}
     kept = removed = 0
-    pipes: dict = {}
+    notes_log = _NoteLog()
     with UnifiedSafetensorsLoader(input_file, low_memory=cfg.low_memory) as loader:
-        keys = list(loader.keys())
-        decisions = {k: decide(k, tuple(loader.get_shape(k)), loader.get_dtype(k), selection) for k in keys}
-        todo = [k for k in keys if decisions[k].action == "quantize"]
+        view = LoaderView(loader)
+        plans = plan_model(view, cfg, plan=plan)
+        edits = run_model_transforms(view, model_transforms_for(cfg) + tuple(model_transforms))
+        for w in edits.warnings:
+            log.warning("warning: %s", w)
+        hessians = HessianSource(cfg, view)
+        total = sum(loader.header.tensors[p.key].nbytes for p in plans if p.action != "remove")
+        done = 0
         metadata = dict(loader.metadata() or {})
         metadata.pop("_quantization_metadata", None)  # regenerated below from this run's layers
         with SafetensorsWriter(output_file, metadata=metadata, forbid=[input_file]) as writer, \
@@ -159,41 +331,45 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig, *,
             # The writer warns about layouts vanilla ComfyUI cannot load; here they were asked for
             # explicitly through the config, and the report notes them once instead of per layer.
             warnings.simplefilter("ignore", NonNativeFormatWarning)
-            for key in keys:
-                d = decisions[key]
-                if d.action == "remove":
-                    removed += 1
+            for p in plans:
+                if p.action in ("remove", "with_layer"):
+                    removed += p.action == "remove"
                     continue
-                if d.action != "quantize":
-                    writer.add(key, loader.get_tensor(key))
+                nbytes = loader.header.tensors[p.key].nbytes
+                if p.bias_key is not None:
+                    nbytes += loader.header.tensors[p.bias_key].nbytes
+                if progress is not None:
+                    progress(p.key, p.recipe_name() if p.action == "quantize" else None, done, total)
+                if p.action == "keep":
+                    t = loader.get_tensor(p.key)
+                    writer.add(p.key, edits.apply(p.key, t).to(t.dtype) if p.key in edits else t)
                     kept += 1
-                    loader.mark_processed(key)
-                    continue
-                stem = key[: -len(".weight")] if key.endswith(".weight") else key
-                if on_layer is not None:
-                    on_layer(stem, len(reports), len(todo))
-                t0 = time.perf_counter()
-                w = loader.get_tensor(key)
-                loader.mark_processed(key)
-                tensors, report, entry = _convert_layer(stem, w, d, cfg, hessians, pipes)
-                for name, t in tensors.items():
-                    writer.add(name, t)
-                if entry is not None:  # the header repeats exactly what the tensor says
-                    entries[stem] = entry
-                reports.append(attrs.evolve(report, seconds=time.perf_counter() - t0))
-                log.debug("%s: %s", stem, report.metrics)
+                else:
+                    t0 = time.perf_counter()
+                    tensors, report, entry = _run_layer(p, view, cfg, edits, hessians, device)
+                    for name, t in tensors.items():
+                        writer.add(name, t)
+                    if entry is not None:  # the header repeats exactly what the tensor says
+                        entries[p.stem] = entry
+                    notes_log.layer(p.stem, report.notes)
+                    reports.append(attrs.evolve(report, seconds=time.perf_counter() - t0))
+                    log.debug("%s: %s", p.stem, report.metrics)
+                loader.mark_processed(p.key)
+                done += nbytes
+            if progress is not None:
+                progress(None, None, done, total)
             if cfg.save_quant_metadata and entries:
                 writer.update_metadata({"_quantization_metadata": quantization_metadata(entries)})
-    notes = []
+    notes = list(edits.warnings)
     odd = sorted({r.format for r in reports if r.format not in NATIVE_FORMATS and r.format != "fp16"})
     if odd:
         notes.append(f"formats {odd} need a custom node: vanilla ComfyUI cannot load them")
     if not cfg.comfy:
         notes.append("legacy non-comfy layout (.scale_weight): vanilla ComfyUI loads these weights unquantized")
-    reports, shared = _hoist_repeated_notes(reports)
-    notes = shared + notes
-    for note in notes[len(shared):]:  # once per run, not once per layer
+    for note in notes[len(edits.warnings):]:  # once per run, not once per layer
         warnings.warn(note, NonNativeFormatWarning, stacklevel=2)
-    return ConversionReport(input_file=str(input_file), output_file=str(output_file), layers=tuple(reports),
-                            kept=kept, removed=removed, seconds=time.perf_counter() - start,
-                            quality_threshold=cfg.quality_threshold, notes=tuple(notes))
+    notes = notes_log.repeated() + notes
+    return ConversionReport(input_file=str(input_file), output_file=str(output_file),
+                            layers=tuple(_hoist_repeated_notes(reports)), kept=kept, removed=removed,
+                            seconds=time.perf_counter() - start, quality_threshold=cfg.quality_threshold,
+                            notes=tuple(notes), model=dict(edits.report), device=str(device))

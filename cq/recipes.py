@@ -1,17 +1,166 @@
-"""Named per-layer pipelines: the recipes the facade, the CLI and the converter classes are built from."""
+"""Recipes: the one place that decides which pipeline a layer gets.
+
+A recipe is a small frozen config record (:class:`RTN`, :class:`GPTQ`, :class:`QuIP`, :class:`FP16`,
+or your own); a registry keyed by the record's *type* maps it to the handler that builds its
+pipeline (the shape of torchao's ``quantize_(model, config)`` handler registry). The runner, the
+facade, the CLI and the converter classes all go through :func:`recipe_pipeline`.
+
+Register a recipe of your own without editing cq:
+
+    >>> import attrs
+    >>> from cq.pipeline import pipeline, stage
+    >>> from cq.transforms import ScaleConfig, absmax_scale, check_finite, round_to_nearest
+    >>> @attrs.frozen
+    ... class TensorRTN:
+    ...     pass
+    >>> @register_recipe(TensorRTN)
+    ... def _tensor_rtn(recipe, *, backend):
+    ...     return pipeline(check_finite, stage(absmax_scale, ScaleConfig(PerTensor())), round_to_nearest)
+    >>> recipe_pipeline(TensorRTN()).names
+    ('check_finite', 'absmax_scale', 'round_to_nearest')
+"""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import attrs
 import torch
 
 from .errors import ConfigError
 from .kernels import Backend
 from .pipeline import Pipeline, pipeline, stage
-from .state import Granularity, LayerState, PerRow
-from .transforms import (MetricsConfig, RoundConfig, ScaleConfig, absmax_scale, check_finite, fp16_cast, measure,
-                         round_to_nearest)
+from .state import Granularity, LayerState, PerBlock, PerGroup, PerRow, PerTensor
+from .transforms import (GPTQConfig, MetricsConfig, QuIPConfig, RoundConfig, ScaleConfig, absmax_scale, check_finite,
+                         fp16_cast, measure, round_to_nearest)
 
-__all__ = ["rtn_pipeline", "fp16_pipeline", "optimizer_pipeline", "metrics_inputs", "measure_stage"]
+__all__ = ["RTN", "GPTQ", "QuIP", "FP16", "Recipe", "RecipeInfo", "register_recipe", "recipe_pipeline",
+           "recipe_info", "registered_recipes", "with_granularity", "rtn_pipeline", "fp16_pipeline",
+           "metrics_inputs", "measure_stage"]
+
+
+def _granularity(instance, attribute, value):
+    if not isinstance(value, (PerTensor, PerRow, PerBlock, PerGroup)):
+        raise ConfigError(f"{type(instance).__name__}.granularity={value!r} must be PerRow() (ComfyUI-native "
+                          "[N,1], the default), PerTensor(), PerBlock(size) or PerGroup(size)")
+
+
+@attrs.frozen
+class RTN:
+    """Round-to-nearest with absmax scales of ``granularity`` (cq's default INT8 recipe)."""
+
+    granularity: Granularity = attrs.field(default=PerRow(), validator=_granularity)
+
+
+@attrs.frozen
+class GPTQ:
+    """GPTQ with the layer's calibration Hessian (round-to-nearest quality without one)."""
+
+    granularity: Granularity = attrs.field(default=PerRow(), validator=_granularity)
+    gptq: GPTQConfig = attrs.field(factory=GPTQConfig, validator=attrs.validators.instance_of(GPTQConfig))
+
+
+@attrs.frozen
+class QuIP:
+    """Incoherence + LDLQ; ``quip.resolved_output == "convrot"`` is ComfyUI-native (per-row scales)."""
+
+    quip: QuIPConfig = attrs.field(factory=QuIPConfig, validator=attrs.validators.instance_of(QuIPConfig))
+
+
+@attrs.frozen
+class FP16:
+    """Store the layer as float16 (the reference's ``--fp16`` target)."""
+
+
+#: Any registered recipe record.
+Recipe = Any
+
+
+@attrs.frozen
+class RecipeInfo:
+    """A registered recipe: its pipeline builder and what it needs from the run.
+
+    ``uses_hessian``: the runner attaches the layer's calibration (or synthetic) Hessian before the
+    pipeline. ``quantized``: the layer counts as quantized in the report (fp16 does not).
+    ``granularity``: the recipe record has a ``granularity`` field that per-layer overrides may set.
+    """
+
+    build: Callable[..., Pipeline]
+    uses_hessian: bool = False
+    quantized: bool = True
+
+
+_REGISTRY: dict[type, RecipeInfo] = {}
+
+
+def register_recipe(recipe_type: type, *, uses_hessian: bool = False, quantized: bool = True):
+    """Decorator: register ``build(recipe, *, backend) -> Pipeline`` for records of ``recipe_type``.
+
+    Registering a type again replaces its handler (e.g. to swap cq's GPTQ for your own).
+    """
+    if not isinstance(recipe_type, type):
+        raise ConfigError(f"register_recipe needs a class (the recipe's config type), got {recipe_type!r}")
+
+    def decorate(build: Callable[..., Pipeline]) -> Callable[..., Pipeline]:
+        _REGISTRY[recipe_type] = RecipeInfo(build, uses_hessian=uses_hessian, quantized=quantized)
+        return build
+
+    return decorate
+
+
+def registered_recipes() -> tuple[type, ...]:
+    return tuple(_REGISTRY)
+
+
+def recipe_info(recipe: Recipe) -> RecipeInfo:
+    """The registry entry of ``recipe``'s type, or a ConfigError listing the registered types."""
+    try:
+        return _REGISTRY[type(recipe)]
+    except KeyError:
+        names = sorted(t.__name__ for t in _REGISTRY)
+        raise ConfigError(f"no recipe is registered for {type(recipe).__name__} ({recipe!r}); registered: {names}. "
+                          "Register one with @cq.register_recipe(YourConfigType)") from None
+
+
+def recipe_pipeline(recipe: Recipe | Pipeline, *, backend: Backend | str = Backend.AUTO) -> Pipeline:
+    """The pipeline of ``recipe`` (a :class:`~cq.pipeline.Pipeline` is its own recipe).
+
+    Example:
+        >>> recipe_pipeline(RTN()).names
+        ('check_finite', 'absmax_scale', 'round_to_nearest')
+        >>> recipe_pipeline(QuIP()).names
+        ('check_finite', 'convrot', 'scale', 'ldlq')
+    """
+    if isinstance(recipe, Pipeline):
+        return recipe
+    pipe = recipe_info(recipe).build(recipe, backend=Backend(backend))
+    if not isinstance(pipe, Pipeline):
+        raise ConfigError(f"the recipe handler for {type(recipe).__name__} returned {type(pipe).__name__}, "
+                          "not a cq.Pipeline")
+    return pipe
+
+
+def with_granularity(recipe: Recipe, granularity: Granularity, *, layer: str = "layer") -> Recipe:
+    """``recipe`` with its scales' granularity replaced (a per-layer scaling override).
+
+    Example:
+        >>> with_granularity(RTN(), PerTensor())
+        RTN(granularity=PerTensor())
+    """
+    if isinstance(recipe, Pipeline):
+        raise ConfigError(f"{layer}: a per-layer scaling override cannot change a custom pipeline; put the scale "
+                          "stage you want into the pipeline itself")
+    fields = attrs.fields_dict(type(recipe)) if attrs.has(type(recipe)) else {}
+    if "granularity" in fields:
+        return attrs.evolve(recipe, granularity=granularity)
+    if granularity == PerRow():
+        return recipe
+    raise ConfigError(f"{layer}: recipe {type(recipe).__name__} writes per-row scales only; it cannot use "
+                      f"{granularity!r}. Drop the scaling override for this layer, or choose optimizer 'rtn'/'gptq'")
+
+
+# ---------------------------------------------------------------------------------------------
+# cq's recipes, all registered the same way.
 
 
 def rtn_pipeline(granularity: Granularity = PerRow(), *, backend: Backend | str = Backend.AUTO) -> Pipeline:
@@ -30,26 +179,32 @@ def fp16_pipeline() -> Pipeline:
     return pipeline(check_finite, fp16_cast)
 
 
-def optimizer_pipeline(optimizer: str, granularity: Granularity, *, gptq=None, quip=None,
-                       backend: Backend | str = Backend.AUTO) -> Pipeline:
-    """The INT8 pipeline for ``optimizer`` ("rtn", "gptq", "quip")."""
-    if optimizer == "rtn":
-        return rtn_pipeline(granularity, backend=backend)
-    if optimizer == "gptq":
-        from .converters.gptq import gptq_pipeline
-        from .transforms.gptq import GPTQConfig
+@register_recipe(RTN)
+def _rtn(recipe: RTN, *, backend: Backend) -> Pipeline:
+    return rtn_pipeline(recipe.granularity, backend=backend)
 
-        return gptq_pipeline(granularity=granularity, gptq=gptq or GPTQConfig())
-    if optimizer == "quip":
-        from .transforms.quip import QuIPConfig, quip_pipeline
 
-        return quip_pipeline(quip or QuIPConfig())
-    if optimizer in ("original", "adamw", "radam"):
-        raise NotImplementedError(
-            f"optimizer={optimizer!r} is learned rounding, which cq does not implement yet; "
-            "use optimizer='gptq' with calibration data (better at INT8), or leave it unset for round-to-nearest"
-        )
-    raise ConfigError(f"optimizer={optimizer!r} is not one of ['rtn', 'gptq', 'quip']")
+@register_recipe(GPTQ, uses_hessian=True)
+def _gptq(recipe: GPTQ, *, backend: Backend) -> Pipeline:
+    from .converters.gptq import gptq_pipeline
+
+    return gptq_pipeline(granularity=recipe.granularity, gptq=attrs.evolve(recipe.gptq, backend=backend))
+
+
+@register_recipe(QuIP, uses_hessian=True)
+def _quip(recipe: QuIP, *, backend: Backend) -> Pipeline:
+    from .transforms.quip import quip_pipeline
+
+    return quip_pipeline(recipe.quip, backend=backend)
+
+
+@register_recipe(FP16, quantized=False)
+def _fp16(recipe: FP16, *, backend: Backend) -> Pipeline:
+    return fp16_pipeline()
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement, a stage like any other.
 
 
 def metrics_inputs(state: LayerState, tokens: int, seed: int) -> torch.Tensor | None:
@@ -67,6 +222,7 @@ def metrics_inputs(state: LayerState, tokens: int, seed: int) -> torch.Tensor | 
     h = state.hessian
     if h is None:
         return z.to(torch.float32)
+    h = h.detach().cpu()
     if state.basis is not None:  # the Hessian is in the working basis; inputs are in the original one
         h = state.basis.hessian_to_original(h.to(torch.float32))
     cov = h.to(torch.float64) / 2
@@ -78,5 +234,8 @@ def metrics_inputs(state: LayerState, tokens: int, seed: int) -> torch.Tensor | 
 
 
 def measure_stage(state: LayerState, tokens: int, seed: int, backend: Backend | str = Backend.AUTO):
-    """A ``measure`` stage bound to this layer's metric inputs."""
-    return stage(measure, MetricsConfig(x=metrics_inputs(state, tokens, seed), backend=backend))
+    """A ``measure`` stage bound to this layer's metric inputs (on the state's device)."""
+    x = metrics_inputs(state, tokens, seed)
+    if x is not None:
+        x = x.to(state.weight.device)
+    return stage(measure, MetricsConfig(x=x, backend=backend))

@@ -140,9 +140,15 @@ def _presets(value: Any) -> tuple[str, ...]:
         unknown = [k for k in value if k not in PRESETS]
         if unknown:
             raise ConfigError(f"unknown preset(s) {unknown} in filter_flags; valid presets are {list(PRESETS)}")
+        odd = {k: v for k, v in value.items() if not isinstance(v, bool)}
+        if odd:
+            raise ConfigError(f"filter_flags values must be True or False, got {odd}; e.g. {{'flux2': True}}")
         names = [k for k, on in value.items() if on]
-    else:
+    elif isinstance(value, (list, tuple, set, frozenset)):
         names = [p.name if isinstance(p, Preset) else p for p in value]
+    else:
+        raise ConfigError(f"presets/filter_flags must be a dict of booleans ({{'flux2': True}}), a preset name or a "
+                          f"list of names, got {type(value).__name__} {value!r}")
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         raise ConfigError(f"unknown preset(s) {unknown}; valid presets are {list(PRESETS)}")

@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 import cq
-from cq.api import CONVERTER_KWARGS, LEGACY_PARAMETERS, convert_to_int8
+from cq.api import CONVERTER_KWARGS, FACADE_PARAMETERS, convert_to_int8
+from cq.options import REQUIRED
 from tests.model_fixture import LINEAR_KEYS, file_digest, make_model_tensors
 
 BASE = dict(comfy_quant=True, filter_flags={}, calib_samples=64, seed=0)
@@ -25,9 +26,10 @@ def test_signature_matches_the_reference_exactly():
     params = list(inspect.signature(convert_to_int8).parameters.values())
     named = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
     assert len(named) == 50 and params[-1].kind is inspect.Parameter.VAR_KEYWORD
-    assert [p.name for p in named] == list(LEGACY_PARAMETERS)  # the one mapping table covers every name
+    assert [p.name for p in named] == list(FACADE_PARAMETERS)  # the one option table covers every name
     for p in named:
-        expected = LEGACY_PARAMETERS[p.name].default
+        expected = FACADE_PARAMETERS[p.name].default
+        assert (p.default is inspect.Parameter.empty) == (expected is REQUIRED), p.name
         if p.default is not inspect.Parameter.empty:
             assert p.default == expected, p.name
 
@@ -110,8 +112,7 @@ def test_exclude_and_presets(model_file, tmp_path):
 
 @pytest.mark.parametrize("name,value", [
     (n, v) for n, v in [("smoothquant", True), ("smoothquant_alpha", 0.7), ("streaming_thresholds", {"a": 1}),
-                        ("merge_lora_path", "x.safetensors"), ("merge_lora_paths", ["x"]), ("merge_lora_scale", 0.5),
-                        ("merge_lora_dampen", False), ("num_iter", 10), ("lr", 0.1), ("optimizer", "adamw")]
+                        ("num_iter", 10), ("lr", 0.1), ("optimizer", "adamw")]
 ])
 def test_unfinished_capabilities_raise_not_implemented_naming_them(model_file, tmp_path, name, value):
     out = tmp_path / "x.safetensors"
@@ -121,8 +122,8 @@ def test_unfinished_capabilities_raise_not_implemented_naming_them(model_file, t
 
 
 def test_every_later_parameter_is_covered():
-    later = [n for n, p in {**LEGACY_PARAMETERS, **CONVERTER_KWARGS}.items() if p.kind == "later"]
-    assert {"smoothquant", "merge_lora_path", "streaming_thresholds", "num_iter"} <= set(later)
+    later = [n for n, p in {**FACADE_PARAMETERS, **CONVERTER_KWARGS}.items() if p.kind == "later"]
+    assert {"smoothquant", "streaming_thresholds", "num_iter"} <= set(later)
 
 
 def test_unknown_kwarg_is_a_type_error(model_file, tmp_path):

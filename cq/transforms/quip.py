@@ -34,6 +34,7 @@ import attrs
 import torch
 
 from ..errors import ConfigError, CqError
+from ..kernels import Backend
 from ..pipeline import Pipeline, pipeline, stage
 from ..state import LayerState, PerGroup, PerRow, PerTensor, record
 from .checks import check_finite
@@ -41,7 +42,7 @@ from .convrot import ConvRotConfig, convrot
 from .hessian import DampingConfig, feedback_round, quadratic_forms
 from .incoherence import Incoherence, IncoherenceConfig, incoherence, undo_incoherence
 from .ldlq import LDLQConfig, ldlq, ldlq_solve
-from .rounding import round_to_nearest, working_dequantized
+from .rounding import RoundConfig, round_to_nearest, working_dequantized
 from .scales import ScaleConfig, absmax_scale
 
 __all__ = ["QuIPConfig", "QuIPLDLQConfig", "quip_config_from_legacy", "quip_pipeline", "quip_ldlq",
@@ -151,9 +152,9 @@ class QuIPConfig:
     def effective_seed(self) -> int:
         return 0 if self.seed is None else self.seed
 
-    def ldlq_config(self) -> LDLQConfig:
+    def ldlq_config(self, backend: Backend | str = Backend.AUTO) -> LDLQConfig:
         return LDLQConfig(damping=DampingConfig(percdamp=float(self.percdamp)), actorder=self.actorder,
-                          block_size=self.block_size, lazy_batch=self.lazy_batch)
+                          block_size=self.block_size, lazy_batch=self.lazy_batch, backend=backend)
 
     def incoherence_config(self) -> IncoherenceConfig:
         # A stored transformed layer has no slot for the permutation (it only orders LDLQ; undone
@@ -283,8 +284,8 @@ def requant_metrics(state: LayerState) -> LayerState:
     return attrs.evolve(record(state, "requant_metrics", None), metrics=metrics)
 
 
-def quip_pipeline(cfg: QuIPConfig = QuIPConfig()) -> Pipeline:
-    """The QuIP pipeline for ``cfg.resolved_output``, as named, inspectable stages.
+def quip_pipeline(cfg: QuIPConfig = QuIPConfig(), *, backend: Backend | str = Backend.AUTO) -> Pipeline:
+    """The QuIP pipeline for ``cfg.resolved_output``, as named, inspectable stages; ``backend`` runs its rounding.
 
     Example:
         >>> quip_pipeline().names
@@ -296,7 +297,7 @@ def quip_pipeline(cfg: QuIPConfig = QuIPConfig()) -> Pipeline:
     """
     out = cfg.resolved_output
     segments = cfg.checkpoint_segments if cfg.checkpointed else 1
-    ldlq_stage = stage(quip_ldlq, QuIPLDLQConfig(ldlq=cfg.ldlq_config(), segments=segments,
+    ldlq_stage = stage(quip_ldlq, QuIPLDLQConfig(ldlq=cfg.ldlq_config(backend), segments=segments,
                                                  threshold=cfg.checkpoint_threshold), name="ldlq")
     scale_stage = stage(absmax_scale, ScaleConfig(PerRow()), name="scale")
     if out == "convrot":
@@ -307,7 +308,7 @@ def quip_pipeline(cfg: QuIPConfig = QuIPConfig()) -> Pipeline:
         return pipeline(*head, stage(store_transformed, name="store_transformed"))
     return pipeline(*head, stage(undo_incoherence, name="undo_incoherence"),
                     stage(absmax_scale, ScaleConfig(cfg.requant_granularity()), name="requant_scale"),
-                    stage(round_to_nearest, name="requant_round"),
+                    stage(round_to_nearest, RoundConfig(backend), name="requant_round"),
                     stage(requant_metrics, name="requant_metrics"))
 
 
