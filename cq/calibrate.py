@@ -24,7 +24,9 @@ import torch
 
 from .errors import ConfigError, InputError
 
-__all__ = ["HessianAcc", "HessianStats", "hessian_init", "hessian_update", "hessian_finalize", "capture"]
+__all__ = ["HessianAcc", "HessianStats", "hessian_init", "hessian_update", "hessian_finalize", "capture",
+           "ActivationAcc", "ActivationStats", "activation_init", "activation_update", "activation_finalize",
+           "activation_stats", "w8a8_groupsize"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ class HessianStats:
     input_absmax: torch.Tensor  # float32 [K], max |x| per input channel (SmoothQuant)
     input_mean: torch.Tensor  # float32 [K], mean x per input channel (bias correction)
     samples: int  # T
+    #: ConvRot group size (0: unrotated) -> statistics of ComfyUI's activation path in that basis
+    #: (W8A8-aware rounding); empty unless ``capture(..., w8a8=...)`` asked for them.
+    w8a8: Mapping[int, "ActivationStats"] = attrs.field(factory=dict)
 
 
 def hessian_init(k: int, *, device: torch.device | str = "cpu") -> HessianAcc:
@@ -133,6 +138,152 @@ def hessian_finalize(acc: HessianAcc) -> HessianStats:
 
 
 # ---------------------------------------------------------------------------------------------
+# Statistics of ComfyUI's W8A8 activation path (for W8A8-aware rounding and bias correction).
+
+
+@attrs.frozen(eq=False)
+class ActivationStats:
+    """Statistics of the runtime's activation path of one layer, in one working basis.
+
+    Second moments are normalised like the Hessian (``2/T · Σ``) so that they add to it.
+    ``groupsize``: the ConvRot group size of the basis (0: unrotated). ``x_w = x·R`` are the
+    working-basis inputs, ``x̃`` their per-token int8 round trip (absmax/127, round half to even,
+    as comfy-kitchen does), ``e = x̃ − x_w``.
+
+    Example:
+        >>> st = activation_stats(torch.randn(64, 16), groupsize=16)
+        >>> st.groupsize, tuple(st.hessian.shape), st.samples
+        (16, (16, 16), 64)
+    """
+
+    groupsize: int
+    hessian: torch.Tensor  # float32 [K, K] 2/T X̃ᵀX̃
+    cross: torch.Tensor  # float32 [K, K] 2/T X̃ᵀX_w (row index: x̃)
+    err_sq: torch.Tensor  # float32 [K] 2/T Σ e²
+    err_x: torch.Tensor  # float32 [K] 2/T Σ e·x_w
+    err_mean: torch.Tensor  # float32 [K] mean e
+    samples: int
+
+    @property
+    def k(self) -> int:
+        return self.hessian.shape[0]
+
+
+@attrs.frozen(eq=False)
+class ActivationAcc:
+    """Running float64 sums for :class:`ActivationStats` (a value: updates return a new one)."""
+
+    groupsize: int
+    sum_qq: torch.Tensor  # [K, K] Σ x̃ᵀx̃
+    sum_qx: torch.Tensor  # [K, K] Σ x̃ᵀx_w
+    sum_ee: torch.Tensor  # [K] Σ e²
+    sum_ex: torch.Tensor  # [K] Σ e·x_w
+    sum_e: torch.Tensor  # [K] Σ e
+    count: int
+
+
+def w8a8_groupsize(k: int, spec: int | str | None) -> int | None:
+    """The basis (ConvRot group size, 0 = unrotated) that ``spec`` means for a layer with ``k`` inputs.
+
+    ``"auto"`` is what :func:`cq.transforms.convrot.convrot` picks by default (256, 64 or 16, or
+    unrotated when K is not a multiple of 16); ``None``/``"none"``/0 is unrotated; an int is that
+    group size, or ``None`` (skip) when it does not divide ``k``.
+
+    Example:
+        >>> w8a8_groupsize(384, "auto"), w8a8_groupsize(320, "auto"), w8a8_groupsize(24, "auto"), w8a8_groupsize(384, 0)
+        (64, 64, 0, 0)
+    """
+    from .transforms.convrot import AUTO_GROUPSIZES
+
+    if spec is None or spec == "none" or spec == 0:
+        return 0
+    if spec == "auto":
+        return next((g for g in AUTO_GROUPSIZES if k % g == 0), 0)
+    if isinstance(spec, bool) or not isinstance(spec, int) or spec < 16 or spec & (spec - 1):
+        raise ConfigError(f"w8a8 basis {spec!r} must be 'auto', 'none'/0 or a ConvRot group size (16, 64, 256, ...)")
+    return spec if k % spec == 0 else None
+
+
+def activation_init(k: int, groupsize: int = 0, *, device: torch.device | str = "cpu") -> ActivationAcc:
+    """An empty accumulator for a layer with ``k`` inputs in the ConvRot basis ``groupsize`` (0: none).
+
+    Example:
+        >>> activation_init(16, 16).count
+        0
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ConfigError(f"activation_init needs the layer's in_features as a positive int, got {k!r}")
+    if groupsize and k % groupsize:
+        raise ConfigError(f"activation_init: ConvRot groupsize {groupsize} does not divide in_features={k}")
+    z2 = torch.zeros(k, k, dtype=torch.float64, device=device)
+    z1 = torch.zeros(k, dtype=torch.float64, device=device)
+    return ActivationAcc(groupsize=groupsize, sum_qq=z2, sum_qx=z2.clone(), sum_ee=z1, sum_ex=z1.clone(),
+                         sum_e=z1.clone(), count=0)
+
+
+def _activation_accumulate_(acc: ActivationAcc, x2: torch.Tensor, chunk: int) -> None:
+    from .kernels import quantize_activations_ref
+
+    rot = None
+    if acc.groupsize:
+        from .transforms.convrot import ConvRot
+
+        rot = ConvRot(acc.groupsize)
+    dev = acc.sum_qq.device
+    for start in range(0, x2.shape[0], chunk):
+        xc = x2[start:start + chunk].to(torch.float32)
+        xw = rot.activations(xc) if rot is not None else xc  # the runtime rotates in float32
+        q, sx = quantize_activations_ref(xw)
+        xq = q.to(torch.float32) * sx
+        xw64, xq64 = xw.to(torch.float64), xq.to(torch.float64)
+        e = xq64 - xw64
+        acc.sum_qq.add_((xq64.t() @ xq64).to(dev))
+        acc.sum_qx.add_((xq64.t() @ xw64).to(dev))
+        acc.sum_ee.add_((e * e).sum(0).to(dev))
+        acc.sum_ex.add_((e * xw64).sum(0).to(dev))
+        acc.sum_e.add_(e.sum(0).to(dev))
+
+
+def activation_update(acc: ActivationAcc, x: torch.Tensor, *, chunk: int = CHUNK_TOKENS) -> ActivationAcc:
+    """A new accumulator with the original-basis input rows ``x`` ([..., K]) added.
+
+    Example:
+        >>> activation_update(activation_init(16), torch.randn(5, 16)).count
+        5
+    """
+    k = acc.sum_qq.shape[0]
+    x2 = _rows(x, k, "activation_update")
+    new = attrs.evolve(acc, sum_qq=acc.sum_qq.clone(), sum_qx=acc.sum_qx.clone(), sum_ee=acc.sum_ee.clone(),
+                       sum_ex=acc.sum_ex.clone(), sum_e=acc.sum_e.clone())
+    _activation_accumulate_(new, x2, chunk)
+    return attrs.evolve(new, count=acc.count + x2.shape[0])
+
+
+def activation_finalize(acc: ActivationAcc) -> ActivationStats:
+    """Normalise the sums (``2/T`` for second moments, ``1/T`` for the mean error), float32.
+
+    Example:
+        >>> st = activation_finalize(activation_update(activation_init(16), torch.randn(8, 16)))
+        >>> st.samples, bool((st.err_sq >= 0).all())
+        (8, True)
+    """
+    if acc.count <= 0:
+        raise InputError("activation_finalize: no tokens were accumulated; call activation_update first")
+    c = 2.0 / acc.count
+    hq = acc.sum_qq * c
+    return ActivationStats(groupsize=acc.groupsize, hessian=((hq + hq.t()) * 0.5).to(torch.float32).cpu(),
+                           cross=(acc.sum_qx * c).to(torch.float32).cpu(),
+                           err_sq=(acc.sum_ee * c).to(torch.float32).cpu(),
+                           err_x=(acc.sum_ex * c).to(torch.float32).cpu(),
+                           err_mean=(acc.sum_e / acc.count).to(torch.float32).cpu(), samples=acc.count)
+
+
+def activation_stats(x: torch.Tensor, *, groupsize: int = 0) -> ActivationStats:
+    """:class:`ActivationStats` of the input rows ``x`` [..., K] in one call (init, update, finalize)."""
+    return activation_finalize(activation_update(activation_init(x.shape[-1], groupsize), x))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def _key_fn(name_map: str | Callable[[str], str | None] | None) -> Callable[[str], str | None]:
@@ -180,7 +331,8 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
             layers: Iterable[str] | Callable[[str, torch.nn.Module], bool] | None = None,
             name_map: str | Callable[[str], str | None] | None = None,
             max_tokens: int | None = None, device: torch.device | str = "cpu",
-            matmul_dtype: torch.dtype = torch.float64) -> dict[str, HessianStats]:
+            matmul_dtype: torch.dtype = torch.float64,
+            w8a8: Iterable[int | str | None] | None = None) -> dict[str, HessianStats]:
     """Run ``inputs`` through ``module`` and return per-layer Hessians and input statistics.
 
     Args:
@@ -199,6 +351,10 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
         device: where the accumulators live (one float64 ``[K, K]`` per layer; the products are
             computed on the inputs' device).
         matmul_dtype: dtype of the chunked ``xᵀx`` products (float64 default; see :func:`hessian_update`).
+        w8a8: bases in which to also gather :class:`ActivationStats` of ComfyUI's W8A8 activation path
+            (for :func:`cq.transforms.w8a8_round.w8a8_round`): ``"auto"`` (the ConvRot basis the QuIP
+            recipe uses), ``"none"`` (unrotated, for GPTQ) or ConvRot group sizes. Each basis adds two
+            ``[K, K]`` float64 accumulators per layer and about twice the capture time.
 
     Returns:
         ``{weight_stem: HessianStats}`` for every selected layer that saw at least one token.
@@ -221,15 +377,21 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
         warnings.warn("capture: the module is in training mode (dropout/batch-norm statistics are active); "
                       "call module.eval() first", stacklevel=2)
     state: dict[str, dict[str, Any]] = {}
+    w8a8_specs = [] if w8a8 is None else ([w8a8] if isinstance(w8a8, (str, int)) else list(w8a8))
+    for spec in w8a8_specs:
+        w8a8_groupsize(64, spec)  # validates the spelling before any forward pass
 
     def make_hook(key: str, k: int):
+        groupsizes = sorted({g for g in (w8a8_groupsize(k, spec) for spec in w8a8_specs) if g is not None})
+
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs.get("input")
             if x is None:
                 return None
             st = state.get(key)
             if st is None:
-                st = state[key] = {"acc": hessian_init(k, device=device), "count": 0}
+                st = state[key] = {"acc": hessian_init(k, device=device), "count": 0,
+                                   "act": {g: activation_init(k, g, device=device) for g in groupsizes}}
             x2 = _rows(x, k, f"capture: layer {key!r}")
             if max_tokens is not None:
                 x2 = x2[: max(max_tokens - st["count"], 0)]
@@ -237,6 +399,8 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
                 acc = st["acc"]
                 _accumulate_(acc.sum_xx, acc.sum_x, acc.absmax, x2, chunk=CHUNK_TOKENS,
                              matmul_dtype=matmul_dtype, where=f"capture: layer {key!r}")
+                for act in st["act"].values():
+                    _activation_accumulate_(act, x2, CHUNK_TOKENS)
                 st["count"] += x2.shape[0]
             return None
 
@@ -264,6 +428,10 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
         if st is None or st["count"] == 0:
             continue
         acc = st["acc"]
-        out[key] = hessian_finalize(HessianAcc(sum_xx=acc.sum_xx, count=st["count"], absmax=acc.absmax,
-                                               sum_x=acc.sum_x))
+        stats = hessian_finalize(HessianAcc(sum_xx=acc.sum_xx, count=st["count"], absmax=acc.absmax,
+                                            sum_x=acc.sum_x))
+        if st["act"]:
+            w8 = {g: activation_finalize(attrs.evolve(a, count=st["count"])) for g, a in st["act"].items()}
+            stats = attrs.evolve(stats, w8a8=w8)
+        out[key] = stats
     return out
