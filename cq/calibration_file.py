@@ -405,7 +405,8 @@ def attach_calibration(state: LayerState, calibration: Calibration, *, layer: st
     before any rotation stage: the file holds original-basis statistics.
     """
     layer = layer or state.name
-    h = calibration.hessian(layer) if calibration.kind == "cq" else None
+    # The reference's files give the diagonal Hessian of their channel statistics (issue 8.7).
+    h = calibration.hessian(layer, k=state.shape[1])
     stats = {"input_absmax": calibration.input_absmax(layer), "input_mean": calibration.input_mean(layer),
              "samples": calibration.layer_samples(layer)}
     stats = {k: v for k, v in stats.items() if v is not None}
