@@ -99,8 +99,10 @@ class LearnedRoundConfig:
     """How :func:`learned_round` optimises the rounding (see the module docstring for each field).
 
     ``lr=None`` means ``4 / num_iter`` (about four logit units of total movement for the Adam
-    family and for SignSGD alike). ``init_margin``: ``|h − ½|`` at the start (``h`` on the start
-    code's side, inside the sigmoid's live range so the gradient flows). ``reg_lambda``,
+    family and for SignSGD alike). ``init``: ``"residual"`` (AdaRound's: ``h`` = the fractional part
+    of ``W/s``, so the relaxed weight starts at ``W``), ``"start"`` (``h`` on the start code's side,
+    ``init_margin`` from ½), ``"auto"``: ``"start"`` when the state has codes (GPTQ/LDLQ), else
+    ``"residual"``. ``reg_lambda``,
     ``beta_start``, ``beta_end``, ``warmup``: AdaRound's regulariser and its annealing (fraction of
     iterations without it). ``eval_every``: iterations between exact scorings of the hard codes.
 
@@ -132,6 +134,7 @@ class LearnedRoundConfig:
     beta_start: float = attrs.field(default=20.0, validator=_pos)
     beta_end: float = attrs.field(default=2.0, validator=_pos)
     warmup: float = attrs.field(default=0.2, validator=_fraction)
+    init: str = attrs.field(default="auto", validator=_one_of(("auto", "start", "residual")))
     init_margin: float = attrs.field(default=0.3, validator=_fraction)
     eval_every: int = attrs.field(default=10, validator=_pos_int)
     seed: int = 0
@@ -224,7 +227,7 @@ def learned_round(state: LayerState, *, cfg: LearnedRoundConfig = LearnedRoundCo
 
     Needs scales (any granularity). Records metrics ``learned_round_rel_before`` / ``_rel_after``
     (relative objective, √ of the loss ratio), ``learned_round_rows_changed``, ``learned_round_iters``
-    and, for the Hessian objective, updates ``rel_out_h``.
+    and, for the Hessian objective, sets ``rel_out_h``.
 
     Example:
         >>> from cq.synthetic import outlier_layer
@@ -245,7 +248,9 @@ def learned_round(state: LayerState, *, cfg: LearnedRoundConfig = LearnedRoundCo
     dtype = torch.float32
     w = state.weight.to(dtype)
     s = expand_scale(state.scale, state.granularity, (n, k)).to(dtype).expand(n, k)
+    init = cfg.init
     if state.codes is None:
+        init = "residual" if init == "auto" else init
         start = torch.clamp(torch.round(w / s), -127, 127)
         state = record(state, "learned_round_start", None, codes=start.to(torch.int8),
                        format=int8_format(state.granularity), note="learned_round started from round-to-nearest")
@@ -260,7 +265,10 @@ def learned_round(state: LayerState, *, cfg: LearnedRoundConfig = LearnedRoundCo
     toward = torch.where(q0 + toward > 127, -torch.ones_like(toward), toward)
     toward = torch.where(q0 + toward < -127, torch.ones_like(toward), toward)
     lo = torch.minimum(q0, q0 + toward)
-    h0 = torch.where(q0 > lo, 0.5 + cfg.init_margin, 0.5 - cfg.init_margin).clamp(1e-3, 1 - 1e-3)
+    if init == "residual":  # AdaRound's: the relaxed weight starts at W itself
+        h0 = (w / s - lo).clamp(0.01, 0.99)
+    else:  # on the start code's side, init_margin from ½
+        h0 = torch.where(q0 > lo, 0.5 + cfg.init_margin, 0.5 - cfg.init_margin).clamp(1e-3, 1 - 1e-3)
     v = torch.log((h0 - _GAMMA) / (_ZETA - h0)).requires_grad_(True)  # inverse rectified sigmoid
     opt = None
     if cfg.optimizer == "adamw":
@@ -347,3 +355,31 @@ def learned_round(state: LayerState, *, cfg: LearnedRoundConfig = LearnedRoundCo
                                                         "(cannot beat round-to-nearest on held-out inputs)")
     return keep_better_rows(state, best_q, stage_name="learned_round", cfg=cfg,
                             extra={"learned_round_iters": float(it + 1)})
+
+
+def learned_round_pipeline(granularity=None, cfg: LearnedRoundConfig = LearnedRoundConfig(), *,
+                           start: str = "ldlq", ldlq_cfg=None):
+    """check_finite → absmax_scale → ``start`` (``"ldlq"``, ``"gptq"`` or ``"rtn"``) → learned_round.
+
+    Without a Hessian, LDLQ/GPTQ equal round-to-nearest (with a note) and ``objective="auto"``
+    uses the data-free SVD objective.
+
+    Example:
+        >>> learned_round_pipeline().names
+        ('check_finite', 'scale', 'ldlq', 'learned_round')
+    """
+    from ..pipeline import pipeline, stage
+    from ..state import PerRow
+    from .checks import check_finite
+    from .gptq import GPTQConfig, gptq_update
+    from .ldlq import LDLQConfig, ldlq
+    from .rounding import round_to_nearest
+    from .scales import ScaleConfig, absmax_scale
+
+    if start not in ("ldlq", "gptq", "rtn"):
+        raise ConfigError(f"start={start!r} must be 'ldlq', 'gptq' or 'rtn'")
+    first = {"ldlq": lambda: stage(ldlq, ldlq_cfg or LDLQConfig(actorder=True), name="ldlq"),
+             "gptq": lambda: stage(gptq_update, ldlq_cfg or GPTQConfig(actorder=True), name="gptq"),
+             "rtn": lambda: stage(round_to_nearest, name="rtn")}[start]()
+    return pipeline(check_finite, stage(absmax_scale, ScaleConfig(granularity or PerRow()), name="scale"), first,
+                    stage(learned_round, cfg))

@@ -91,7 +91,7 @@ def keep_better_rows(state: LayerState, codes: torch.Tensor, *, stage_name: str,
     """Record ``codes`` (and ``scale``) row by row where they do not raise the row's loss; else keep the old row.
 
     Adds metrics ``<stage>_rel_before``, ``<stage>_rel_after`` (rel = √(loss/signal)), ``<stage>_rows_changed``
-    and ``extra``; updates ``rel_out_h`` when the state has it.
+    and ``extra``; sets ``rel_out_h`` when the state has a Hessian.
     """
     n, k = state.shape
     new_scale = state.scale if scale is None else scale
@@ -116,7 +116,7 @@ def keep_better_rows(state: LayerState, codes: torch.Tensor, *, stage_name: str,
     changed = int((codes != state.codes).any(1).sum()) if scale is None else int(n)
     metrics = {f"{stage_name}_rel_before": rel(float(before.sum())), f"{stage_name}_rel_after": rel(float(after.sum())),
                f"{stage_name}_rows_changed": float(changed), **(extra or {})}
-    if h is not None and "rel_out_h" in state.metrics:
+    if h is not None:  # the stored codes changed: so did the layer's proxy output error
         metrics["rel_out_h"] = rel(float(after.sum()))
     return record(state, stage_name, cfg, metrics=metrics, codes=codes.to(torch.int8).contiguous(),
                   scale=new_scale)

@@ -1,0 +1,200 @@
+"""Tests for cq.transforms.smoothquant: exact folds through whole blocks, structure detection, refusals."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cq.calibrate import HessianStats
+from cq.errors import ConfigError
+from cq.model import DictView
+from cq.transforms.smoothquant import SmoothQuantConfig, find_folds, fold_factors, smoothing_error, smoothquant
+
+from flux_tiny import calibration_stats, forward, make_state_dict, random_inputs, w8a8_linear
+
+H = 32
+
+
+@pytest.fixture(scope="module")
+def flux():
+    sd = make_state_dict(H, 2, double=1, single=1, seed=0)
+    stats = calibration_stats(sd, [random_inputs(H, seed=s) for s in range(3)])
+    return sd, stats
+
+
+def apply_all(edits, sd):
+    return {k: edits.apply(k, v) for k, v in sd.items()}
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_flux_folds_are_found_with_the_documented_structure(flux):
+    sd, _ = flux
+    folds, skipped = find_folds(DictView(sd))
+    kinds = sorted((f.kind, f.consumers) for f in folds)
+    assert ("v_to_o", ("double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.proj")) in kinds
+    assert ("v_to_o", ("single_blocks.0.linear2",)) in kinds
+    assert ("modulation", ("final_layer.linear",)) in kinds
+    assert sum(k == "modulation" for k, _ in kinds) == 4 + 1 + 1
+    assert skipped == []
+    vo = next(f for f in folds if f.consumers == ("single_blocks.0.linear2",))
+    assert not vo.normalize and vo.width == H and {(e.start, e.stop) for e in vo.producers} == {(2 * H, 3 * H)}
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.9])
+def test_smoothed_float_model_equals_the_original(flux, alpha):
+    # Bound: each fold is one division and one multiplication per weight (float64 here), so the
+    # smoothed model differs from the original by float rounding only: ~1e-15 relative.
+    sd, stats = flux
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats, alpha=alpha))
+    assert edits.report["smoothquant"]["folded"]
+    sd2 = apply_all(edits, sd)
+    changed = [k for k in sd if not torch.equal(sd[k], sd2[k])]
+    assert changed
+    for seed in (10, 11):
+        img, txt, vec = random_inputs(H, seed=seed, img_tokens=12, txt_tokens=5)
+        assert rel(forward(sd2, img, txt, vec), forward(sd, img, txt, vec)) < 1e-12
+
+
+def test_float32_fold_error_is_float_rounding(flux):
+    # In float32 (what the runner applies edits in) the same check holds to ~1e-6: a few ulps per
+    # element through three blocks whose activations have ±16 outlier channels.
+    sd, stats = flux
+    sd32 = {k: v.float() for k, v in sd.items()}
+    edits = smoothquant(DictView(sd32), cfg=SmoothQuantConfig(calibration=stats))
+    sd2 = apply_all(edits, sd32)
+    img, txt, vec = random_inputs(H, seed=12, dtype=torch.float32)
+    assert rel(forward(sd2, img, txt, vec), forward(sd32, img, txt, vec)) < 2e-5
+
+
+def test_search_lowers_the_whole_model_w8a8_error_on_held_out_inputs(flux):
+    sd, stats = flux
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats))
+    for f in edits.report["smoothquant"]["folded"]:
+        assert f["w8a8_rel_after"] < f["w8a8_rel_before"]
+    sd2 = apply_all(edits, sd)
+
+    def err(model):
+        num = den = 0.0
+        for seed in (20, 21):
+            img, txt, vec = random_inputs(H, seed=seed)
+            y = forward(sd, img, txt, vec)
+            num += float(((forward(model, img, txt, vec, linear=w8a8_linear()) - y) ** 2).sum())
+            den += float((y ** 2).sum())
+        return (num / den) ** 0.5
+    assert err(sd2) < 0.95 * err(sd)
+
+
+def test_warning_names_lora_mismatch_and_nothing_extra_is_written(flux):
+    sd, stats = flux
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats))
+    assert any("LoRA" in w for w in edits.warnings)
+    assert set(edits.stages) <= set(sd)
+
+
+def bert_like(k=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = "encoder.layer.0"
+    sd = {f"{p}.attention.self.query.weight": torch.randn(k, k, generator=g),
+          f"{p}.attention.self.key.weight": torch.randn(k, k, generator=g),
+          f"{p}.attention.self.value.weight": torch.randn(k, k, generator=g),
+          f"{p}.attention.self.value.bias": torch.randn(k, generator=g),
+          f"{p}.attention.output.dense.weight": torch.randn(k, k, generator=g),
+          f"{p}.attention.output.LayerNorm.weight": torch.ones(k),
+          f"{p}.attention.output.LayerNorm.bias": torch.zeros(k),
+          f"{p}.intermediate.dense.weight": torch.randn(4 * k, k, generator=g)}
+    return {key: v.double() for key, v in sd.items()}
+
+
+def test_post_ln_bert_gets_only_v_to_o_and_it_is_exact():
+    sd = bert_like()
+    folds, _ = find_folds(DictView(sd))
+    assert [f.kind for f in folds] == ["v_to_o"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 16, dtype=torch.float64)
+    p = "encoder.layer.0.attention"
+
+    def attn(m, x):
+        q, k = x @ m[f"{p}.self.query.weight"].T, x @ m[f"{p}.self.key.weight"].T
+        v = F.linear(x, m[f"{p}.self.value.weight"], m[f"{p}.self.value.bias"])
+        return (torch.softmax(q @ k.T / 4, -1) @ v) @ m[f"{p}.output.dense.weight"].T
+
+    a = torch.softmax((x @ sd[f"{p}.self.query.weight"].T) @ (x @ sd[f"{p}.self.key.weight"].T).T / 4, -1)
+    o_in = a @ F.linear(x, sd[f"{p}.self.value.weight"], sd[f"{p}.self.value.bias"])
+    o_in = o_in * torch.logspace(-1, 1, 16, dtype=torch.float64)  # make the search find something to fix
+    st = {f"{p}.output.dense": HessianStats(hessian=2 / 64 * o_in.T @ o_in, input_absmax=o_in.abs().amax(0),
+                                            input_mean=o_in.mean(0), samples=64)}
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=st, alpha=0.5, min_gain=0.0))
+    folded, skipped = edits.report["smoothquant"]["folded"], edits.report["smoothquant"]["skipped"]
+    assert len(folded) + len(skipped) == 1
+    sd2 = apply_all(edits, sd)
+    assert rel(attn(sd2, x), attn(sd, x)) < 1e-12
+    assert f"{p}.output.LayerNorm.weight" not in edits.stages
+
+
+def test_gqa_and_missing_statistics_are_skipped_and_listed():
+    g = torch.Generator().manual_seed(2)
+    sd = {"m.layers.0.self_attn.v_proj.weight": torch.randn(8, 16, generator=g),
+          "m.layers.0.self_attn.o_proj.weight": torch.randn(16, 16, generator=g),
+          "m.layers.0.mlp.gate_proj.weight": torch.randn(32, 16, generator=g),
+          "m.layers.0.mlp.up_proj.weight": torch.randn(32, 16, generator=g),
+          "m.layers.0.mlp.down_proj.weight": torch.randn(16, 32, generator=g)}
+    folds, skipped = find_folds(DictView(sd))
+    assert [f.kind for f in folds] == ["gated_mlp"]
+    assert "grouped-query" in skipped[0]["reason"]
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration={}))
+    reasons = [s["reason"] for s in edits.report["smoothquant"]["skipped"]]
+    assert any("no calibration statistics" in r for r in reasons)
+    assert not edits.stages and not edits.warnings
+
+
+def test_gated_mlp_and_pre_norm_folds_are_exact():
+    g = torch.Generator().manual_seed(3)
+    k, f = 16, 32
+    sd = {"m.layers.0.post_attention_layernorm.weight": 1 + torch.rand(k, generator=g),
+          "m.layers.0.mlp.gate_proj.weight": torch.randn(f, k, generator=g),
+          "m.layers.0.mlp.up_proj.weight": torch.randn(f, k, generator=g),
+          "m.layers.0.mlp.down_proj.weight": torch.randn(k, f, generator=g)}
+    sd = {key: v.double() for key, v in sd.items()}
+
+    def mlp(m, x, record=None):
+        n = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6) * m["m.layers.0.post_attention_layernorm.weight"]
+        hdn = F.silu(n @ m["m.layers.0.mlp.gate_proj.weight"].T) * (n @ m["m.layers.0.mlp.up_proj.weight"].T)
+        if record is not None:
+            record.update({"m.layers.0.mlp.gate_proj": n, "m.layers.0.mlp.up_proj": n, "m.layers.0.mlp.down_proj": hdn})
+        return hdn @ m["m.layers.0.mlp.down_proj.weight"].T
+
+    x = torch.randn(128, k, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, k, dtype=torch.float64)
+    rec = {}
+    mlp(sd, x, rec)
+    st = {n: HessianStats(hessian=2 / 128 * v.T @ v, input_absmax=v.abs().amax(0), input_mean=v.mean(0), samples=128)
+          for n, v in rec.items()}
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=st, min_gain=0.0))
+    assert sorted(r["kind"] for r in edits.report["smoothquant"]["folded"]) in (["gated_mlp", "norm"], ["gated_mlp"],
+                                                                             ["norm"])
+    sd2 = apply_all(edits, sd)
+    y = torch.randn(32, k, generator=g, dtype=torch.float64)
+    assert rel(mlp(sd2, y), mlp(sd, y)) < 1e-12
+
+
+def test_factors_and_errors():
+    s = fold_factors(torch.tensor([16.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 1.0]), 0.5, normalize=True)
+    assert s.tolist() == [1.0, 0.25, 0.25]  # dead channel: factor 1 before normalising
+    x, w = torch.randn(32, 16), torch.randn(8, 16)
+    e1, sig = smoothing_error(x, w, None)
+    e2, _ = smoothing_error(x, w, torch.ones(16, dtype=torch.float64))
+    assert e1 == pytest.approx(e2) and e1 < 1e-3 * sig
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        smoothquant(DictView({}), cfg=SmoothQuantConfig())
+    with pytest.raises(ConfigError, match="alphas"):
+        SmoothQuantConfig(alphas=(1.5,))
+    with pytest.raises(ConfigError, match="power of 4"):
+        SmoothQuantConfig(convrot_groupsize=32)
+    with pytest.raises(ConfigError, match="kinds"):
+        SmoothQuantConfig(kinds=("layernorm",))
+    with pytest.raises(ConfigError, match="Calibration"):
+        SmoothQuantConfig(calibration=3)
