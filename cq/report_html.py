@@ -89,7 +89,7 @@ def _bar_chart(plt, layers: list[LayerReport], values: list[float], *, ylabel: s
     if hline is not None:
         handles.append(ax.get_lines()[0])
         names.append(f"threshold {hline:g}")
-    ax.legend(handles, names, fontsize=7, loc="best")
+    ax.legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))  # never over the bars
     ax.margins(x=0.005)
     uri = _svg_uri(fig)
     plt.close(fig)
@@ -116,7 +116,7 @@ def _scatter_pred(plt, layers: list[LayerReport]) -> str | None:
     if lo > 0:
         ax.set_xscale("log")
         ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     uri = _svg_uri(fig)
     plt.close(fig)
     return uri
