@@ -14,7 +14,6 @@ from .constants import (COMPUTE_DTYPE, INT8_MAX, INT8_MIN, INT8_SYMMETRIC_MAX, S
 from .convert import LayerPlan, convert_file, plan_model
 from .model import DictView, ModelEdits, ModelView
 from .converters import GPTQInt8Converter, LearnedRoundingConverter, QuIPInt8Converter
-from .converters.gptq import gptq_pipeline
 from .converters.quip import QuIPResult
 from .quip_file import dequantize_transformed, dequantize_transformed_file
 from .transforms.quip import quip_pipeline
@@ -28,7 +27,7 @@ from .lora import (load_lora_for_merging, load_lora_tensors, load_multiple_loras
 from .pipeline import Pipeline, Stage, pipeline, stage, tap
 from .presets import MODEL_FILTERS, PRESETS, Preset
 from .quality import QualityReporter, compute_max_error, compute_mse, compute_quality_metrics, compute_sqnr
-from .recipes import FP16, GPTQ, RTN, QuIP, recipe_pipeline, register_recipe, rtn_pipeline
+from .recipes import FP16, GPTQ, RTN, QuIP, gptq_pipeline, recipe_pipeline, register_recipe, rtn_pipeline
 from .report import ConversionReport, LayerReport
 from .selection import Decision, LayerOverride, SelectionConfig, decide, iter_decisions
 from .state import LayerState, PerBlock, PerGroup, PerRow, PerTensor, record

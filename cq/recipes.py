@@ -32,10 +32,10 @@ from .kernels import Backend
 from .pipeline import Pipeline, pipeline, stage
 from .state import Granularity, LayerState, PerBlock, PerGroup, PerRow, PerTensor
 from .transforms import (GPTQConfig, MetricsConfig, QuIPConfig, RoundConfig, ScaleConfig, absmax_scale, check_finite,
-                         fp16_cast, measure, round_to_nearest)
+                         check_linear, fp16_cast, gptq_update, measure, round_to_nearest)
 
 __all__ = ["RTN", "GPTQ", "QuIP", "FP16", "Recipe", "RecipeInfo", "register_recipe", "recipe_pipeline",
-           "recipe_info", "registered_recipes", "with_granularity", "rtn_pipeline", "fp16_pipeline",
+           "recipe_info", "registered_recipes", "with_granularity", "rtn_pipeline", "gptq_pipeline", "fp16_pipeline",
            "metrics_inputs", "measure_stage"]
 
 
@@ -174,6 +174,24 @@ def rtn_pipeline(granularity: Granularity = PerRow(), *, backend: Backend | str 
                     stage(round_to_nearest, RoundConfig(backend)))
 
 
+def gptq_pipeline(*, granularity: Granularity = PerRow(), gptq: GPTQConfig = GPTQConfig(),
+                  metrics_x: torch.Tensor | None = None) -> Pipeline:
+    """``check_linear → check_finite → absmax_scale → gptq_update`` (→ ``measure`` with ``metrics_x``).
+
+    Attach the layer's Hessian to the state first (``LayerState.from_weight(..., hessian=H)`` or
+    :func:`cq.calibration_file.attach_calibration`); without one GPTQ is round-to-nearest.
+
+    Example:
+        >>> gptq_pipeline().names
+        ('check_linear', 'check_finite', 'absmax_scale', 'gptq_update')
+    """
+    stages = [stage(check_linear), stage(check_finite), stage(absmax_scale, ScaleConfig(granularity)),
+              stage(gptq_update, gptq)]
+    if metrics_x is not None:
+        stages.append(stage(measure, MetricsConfig(x=metrics_x)))
+    return pipeline(*stages)
+
+
 def fp16_pipeline() -> Pipeline:
     """check_finite → fp16_cast (the reference's ``--fp16`` target)."""
     return pipeline(check_finite, fp16_cast)
@@ -186,8 +204,6 @@ def _rtn(recipe: RTN, *, backend: Backend) -> Pipeline:
 
 @register_recipe(GPTQ, uses_hessian=True)
 def _gptq(recipe: GPTQ, *, backend: Backend) -> Pipeline:
-    from .converters.gptq import gptq_pipeline
-
     return gptq_pipeline(granularity=recipe.granularity, gptq=attrs.evolve(recipe.gptq, backend=backend))
 
 

@@ -1,4 +1,4 @@
-"""Tests for cq.transforms.gptq (gptq_update) and cq.converters.gptq (GPTQInt8Converter, gptq_pipeline)."""
+"""Tests for cq.transforms.gptq (gptq_update) cq.converters.gptq (GPTQInt8Converter) and cq.recipes.gptq_pipeline."""
 
 import math
 import warnings
@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from cq.converters.gptq import GPTQInt8Converter, gptq_pipeline
+from cq.converters.gptq import GPTQInt8Converter
+from cq.recipes import gptq_pipeline
 from cq.errors import ConfigError, CqError, InputError
 from cq.state import LayerState, PerBlock, PerGroup, PerRow, PerTensor
 from cq.transforms import ScaleConfig, absmax_scale, rel_output_error, round_to_nearest

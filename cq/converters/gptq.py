@@ -7,34 +7,13 @@ import warnings
 import torch
 
 from ..errors import ConfigError
-from ..pipeline import Pipeline, pipeline, stage
+from ..recipes import gptq_pipeline
 from ..state import Granularity, LayerState, PerBlock, PerGroup, PerRow, PerTensor
-from ..transforms.checks import check_finite, check_linear
-from ..transforms.gptq import GPTQConfig, gptq_update
+from ..transforms.gptq import GPTQConfig
 from ..transforms.hessian import DampingConfig
-from ..transforms.metrics import MetricsConfig, measure
 from ..transforms.rounding import working_dequantized
-from ..transforms.scales import ScaleConfig, absmax_scale
 
-__all__ = ["GPTQInt8Converter", "gptq_pipeline"]
-
-
-def gptq_pipeline(*, granularity: Granularity = PerRow(), gptq: GPTQConfig = GPTQConfig(),
-                  metrics_x: torch.Tensor | None = None) -> Pipeline:
-    """``check_linear → check_finite → absmax_scale → gptq_update`` (→ ``measure`` with ``metrics_x``).
-
-    Attach the layer's Hessian to the state first (``LayerState.from_weight(..., hessian=H)`` or
-    :func:`cq.calibration_file.attach_calibration`); without one GPTQ is round-to-nearest.
-
-    Example:
-        >>> gptq_pipeline().names
-        ('check_linear', 'check_finite', 'absmax_scale', 'gptq_update')
-    """
-    stages = [stage(check_linear), stage(check_finite), stage(absmax_scale, ScaleConfig(granularity)),
-              stage(gptq_update, gptq)]
-    if metrics_x is not None:
-        stages.append(stage(measure, MetricsConfig(x=metrics_x)))
-    return pipeline(*stages)
+__all__ = ["GPTQInt8Converter"]
 
 
 _SCALING = {"row": PerRow, "axis": PerRow, "tensor": PerTensor}

@@ -1,0 +1,231 @@
+"""The open runner: plans, the recipe registry, model transforms, biases, device, progress, config rejections."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import attrs
+import pytest
+import torch
+from safetensors import safe_open
+
+import cq
+from cq.config import ConvertConfig
+from cq.convert import LayerPlan, convert_file, plan_model
+from cq.errors import ConfigError
+from cq.model import DictView, ModelEdits
+from cq.options import build_config
+from cq.pipeline import pipeline, stage
+from cq.recipes import FP16, GPTQ, RTN, QuIP, recipe_pipeline, register_recipe
+from cq.state import PerBlock, PerRow, PerTensor, record
+from cq.transforms import ScaleConfig, absmax_scale, check_finite, round_to_nearest
+from tests.model_fixture import LINEAR_KEYS, make_model_tensors
+
+BASE = dict(input_file="a.safetensors", output_file="b.safetensors", comfy_quant=True, filter_flags={},
+            calib_samples=64, seed=0)
+
+
+def _load(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# -- plans -----------------------------------------------------------------------------------------
+
+
+def test_plan_assigns_one_recipe_per_tensor_and_carries_biases():
+    view = DictView(make_model_tensors())
+    plans = {p.key: p for p in plan_model(view, ConvertConfig())}
+    assert {k for k, p in plans.items() if p.action == "quantize"} == set(LINEAR_KEYS)
+    assert all(plans[k].recipe == RTN() for k in LINEAR_KEYS)
+    qkv = plans["blocks.0.attn.qkv.weight"]
+    assert qkv.bias_key == "blocks.0.attn.qkv.bias"
+    assert plans["blocks.0.attn.qkv.bias"].action == "with_layer" and plans["blocks.0.attn.qkv.bias"].layer == qkv.key
+    assert plans["blocks.0.norm1.weight"].action == "keep"
+
+
+def test_layer_overrides_change_the_granularity_only_where_asked():
+    from cq.selection import SelectionConfig
+
+    sel = SelectionConfig.from_legacy(custom_layers="mlp", custom_type="int8", custom_scaling_mode="tensor")
+    plans = {p.key: p for p in plan_model(DictView(make_model_tensors()), ConvertConfig(selection=sel))}
+    assert plans["blocks.0.mlp.fc1.weight"].recipe == RTN(PerTensor())
+    assert plans["blocks.0.attn.proj.weight"].recipe == RTN(PerRow())
+
+
+def test_a_quip_layer_cannot_take_a_tensor_scale_override():
+    from cq.selection import SelectionConfig
+
+    sel = SelectionConfig.from_legacy(custom_layers="mlp", custom_type="int8", custom_scaling_mode="tensor")
+    with pytest.raises(ConfigError, match="blocks.0.mlp.fc1.weight.*per-row"):
+        plan_model(DictView(make_model_tensors()), ConvertConfig(recipe=QuIP(), selection=sel))
+
+
+def test_a_user_plan_and_pipeline_run_on_the_chosen_layers(model_file, tmp_path):
+    custom = pipeline(check_finite, stage(absmax_scale, ScaleConfig(PerTensor())), round_to_nearest)
+
+    def my_plan(p: LayerPlan) -> LayerPlan:
+        if p.key == "blocks.0.attn.proj.weight":
+            return p.with_recipe(custom)
+        if p.key == "blocks.0.norm1.weight":
+            return attrs.evolve(p, action="remove")
+        return p
+
+    out = tmp_path / "o.safetensors"
+    report = convert_file(str(model_file), str(out), ConvertConfig(), plan=my_plan)
+    t = _load(out)
+    assert t["blocks.0.attn.proj.weight_scale"].shape == ()  # the custom pipeline's tensor scale
+    assert t["blocks.0.mlp.fc1.weight_scale"].shape == (96, 1)
+    assert "blocks.0.norm1.weight" not in t and report.removed == 1
+    assert {r.name: r.recipe for r in report.quantized}["blocks.0.attn.proj"] == "pipeline"
+
+
+def test_a_registered_recipe_is_chosen_by_its_config_type(model_file, tmp_path):
+    @attrs.frozen
+    class HalfClip:
+        """Absmax scales shrunk by a factor: a toy recipe that must reach the file."""
+
+        shrink: float = 0.5
+
+    def clipped(state, *, cfg):
+        s = absmax_scale(state)
+        return record(s, "clip", cfg, scale=s.scale * cfg.shrink)
+
+    @register_recipe(HalfClip)
+    def _build(recipe, *, backend):
+        return pipeline(check_finite, stage(clipped, recipe), round_to_nearest)
+
+    out = tmp_path / "o.safetensors"
+    convert_file(str(model_file), str(out), ConvertConfig(recipe=HalfClip()))
+    src, t = make_model_tensors(), _load(out)
+    w = src["blocks.0.attn.proj.weight"]
+    expected = w.abs().amax(dim=1, keepdim=True) / 127 * 0.5
+    assert torch.allclose(t["blocks.0.attn.proj.weight_scale"], expected)
+    assert int(t["blocks.0.attn.proj.weight"].abs().max()) == 127  # clipped at the grid's edge
+
+
+def test_an_unregistered_recipe_fails_when_the_config_is_built():
+    @attrs.frozen
+    class Nope:
+        pass
+
+    with pytest.raises(ConfigError, match="no recipe is registered for Nope"):
+        ConvertConfig(recipe=Nope())
+
+
+def test_recipe_pipelines_are_the_same_stages_the_facade_runs():
+    assert recipe_pipeline(RTN()).names == cq.rtn_pipeline().names
+    assert recipe_pipeline(GPTQ(PerBlock(64))).names == ("check_linear", "check_finite", "absmax_scale", "gptq_update")
+    assert recipe_pipeline(FP16()).names == ("check_finite", "fp16_cast")
+
+
+# -- model transforms ------------------------------------------------------------------------------
+
+
+def _scale_rows(state, *, cfg):
+    return record(state, "scale_rows", cfg, weight=state.weight * cfg, original=state.original * cfg)
+
+
+def _joint_edit(view, *, factor):
+    """Scale one quantized weight, one kept tensor and one carried bias jointly (like a smoothing fold)."""
+    assert "blocks.0.attn.qkv.weight" in view.keys() and view.shape("blocks.0.attn.qkv.weight") == (192, 64)
+    keys = ("blocks.0.attn.proj.weight", "blocks.0.norm1.weight", "blocks.0.attn.proj.bias")
+    return ModelEdits(stages={k: (stage(_scale_rows, factor),) for k in keys}, warnings=("edited 3 tensors",),
+                      report={"toy": {"edited": list(keys)}})
+
+
+def test_model_transforms_edit_several_tensors_before_the_recipes(model_file, tmp_path, caplog):
+    out = tmp_path / "o.safetensors"
+    with caplog.at_level(logging.WARNING, logger="cq"):
+        report = convert_file(str(model_file), str(out), ConvertConfig(),
+                              model_transforms=[functools.partial(_joint_edit, factor=2.0)])
+    src, t = make_model_tensors(), _load(out)
+    deq = t["blocks.0.attn.proj.weight"].float() * t["blocks.0.attn.proj.weight_scale"]
+    assert torch.allclose(deq, 2 * src["blocks.0.attn.proj.weight"], rtol=0, atol=float(t["blocks.0.attn.proj.weight_scale"].max()))
+    assert torch.equal(t["blocks.0.norm1.weight"], 2 * src["blocks.0.norm1.weight"])
+    assert torch.equal(t["blocks.0.attn.proj.bias"], 2 * src["blocks.0.attn.proj.bias"])
+    assert t["blocks.0.norm1.weight"].dtype == src["blocks.0.norm1.weight"].dtype
+    assert report.model == {"toy": {"edited": list(_joint_edit(DictView(src), factor=1).report["toy"]["edited"])}}
+    assert "warning: edited 3 tensors" in caplog.text
+    assert "edited 3 tensors" in report.notes
+
+
+def test_biases_are_written_once_in_their_own_dtype(model_file, tmp_path):
+    out = tmp_path / "o.safetensors"
+    convert_file(str(model_file), str(out), ConvertConfig())
+    src, t = make_model_tensors(), _load(out)
+    for key in ("blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias"):
+        assert t[key].dtype == src[key].dtype and torch.equal(t[key], src[key])
+
+
+# -- device, progress, notes -------------------------------------------------------------------------
+
+
+def test_device_cpu_and_bad_devices(model_file, tmp_path):
+    report = convert_file(str(model_file), str(tmp_path / "o.safetensors"), ConvertConfig(device="cpu"))
+    assert report.device == "cpu"
+    with pytest.raises(ConfigError, match="device='gpu'"):
+        ConvertConfig(device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            convert_file(str(model_file), str(tmp_path / "c.safetensors"), ConvertConfig(device="cuda"))
+        assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_progress_counts_bytes_to_the_total(model_file, tmp_path):
+    calls = []
+    convert_file(str(model_file), str(tmp_path / "o.safetensors"), ConvertConfig(),
+                 progress=lambda key, recipe, done, total: calls.append((key, recipe, done, total)))
+    total = calls[0][3]
+    src = make_model_tensors()
+    assert total == sum(t.numel() * t.element_size() for t in src.values())
+    dones = [c[2] for c in calls]
+    assert dones == sorted(dones) and dones[0] == 0 and calls[-1] == (None, None, total, total)
+    assert ("blocks.0.attn.proj.weight", "RTN") in {(c[0], c[1]) for c in calls}
+
+
+def test_per_layer_notes_reach_the_console_once(model_file, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="cq"), pytest.warns(UserWarning, match="custom node"):
+        report = convert_file(str(model_file), str(tmp_path / "o.safetensors"),
+                              ConvertConfig(recipe=GPTQ(PerBlock(64))))
+    # every layer has the "H = I" note: printed once with its first layer, counted in the run's notes
+    said = [r.getMessage() for r in caplog.records if "H = I" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("warning: ")
+    assert any("H = I" in n and "layers)" in n for n in report.notes)
+    # a note of one layer only (block scales falling back to rows) is printed too
+    assert any("warning: blocks.0.mlp.fc1" in r.getMessage() and "per-row" in r.getMessage() for r in caplog.records)
+
+
+# -- configs rejected when built ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, match", [
+    (dict(optimizer="quip", scaling_mode="tensor"), "per-row"),
+    (dict(optimizer="quip", scaling_mode="block"), "per-row"),
+    (dict(block_size=64), "block_size=64 only applies"),
+    (dict(optimizer="gptq", block_size=32, scaling_mode="row"), "block_size=32 only applies"),
+    (dict(optimizer="quip", quip_seed=3), "quip_seed=3"),
+    (dict(calibration_data_path="c.safetensors"), "calibration data"),
+    (dict(filter_flags={"flux2": "yes"}), "True or False"),
+    (dict(filter_flags="flux2,wan"), "unknown preset"),
+    (dict(gptq_actorder=True), "only apply to optimizer='gptq'"),
+    (dict(quip_checkpointed=True, optimizer="gptq"), "only apply to optimizer='quip'"),
+    (dict(merge_lora_scale=0.5), "need LoRA files"),
+    (dict(device="tpu"), "device='tpu'"),
+])
+def test_combinations_that_cannot_apply_are_rejected(extra, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config({**BASE, **extra})
+
+
+def test_accepted_combinations_build():
+    with pytest.warns(UserWarning, match="keeps none of QuIP's gain"):
+        _, _, cfg = build_config({**BASE, "optimizer": "quip", "quip_requant_scheme": "block", "block_size": 64,
+                                  "quip_seed": 2})
+    assert cfg.recipe.quip.resolved_output == "requant" and cfg.recipe.quip.block_size == 64
+    _, _, cfg = build_config({**BASE, "scaling_mode": "block", "block_size": 32})
+    assert cfg.recipe == RTN(PerBlock(32))
+    _, _, cfg = build_config({**BASE, "merge_lora_paths": ["a.safetensors", "b.safetensors"],
+                              "merge_lora_scale": 0.5})
+    assert cfg.merge_loras == ("a.safetensors", "b.safetensors") and cfg.merge_lora_scale == 0.5
