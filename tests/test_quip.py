@@ -362,9 +362,10 @@ def test_converter_refuses_smoothquant_and_bad_input():
     (dict(use_greedy_coordinate_descent=True), "greedy"),
     (dict(frobenius_rho=0.5), "frobenius_rho"),
 ])
-def test_converter_unimplemented_reference_options_raise(kwargs, match):
-    with pytest.raises(NotImplementedError, match=match):
-        QuIPInt8Converter(device="cpu", **kwargs)
+def test_converter_refinement_options_add_stages(kwargs, match):
+    # Implemented in cq.transforms.quip_refine (tests/test_quip_refine.py); here: they are wired.
+    names = QuIPInt8Converter(device="cpu", **kwargs).pipeline.names
+    assert names.index("ldlq") < len(names) - 1
 
 
 def test_converter_validates_streaming_options():

@@ -118,8 +118,9 @@ class QuIPInt8Converter:
     otherwise have no effect: cq's memory policy belongs to the model-level runner, and
     ``use_checkpointed_ldlq`` is the exact smaller-memory option. Reference-only parameters:
     ``percdamp``, ``use_diagonal_rescaling`` (→ ``rescale``) and ``use_random_permutation``
-    (→ ``permute``) are honoured; ``use_learned_rounding=True``, ``ldlq_iterations != 1``,
-    ``use_greedy_coordinate_descent=True`` and ``frobenius_rho != 1`` raise ``NotImplementedError``;
+    (→ ``permute``) are honoured; ``ldlq_iterations``, ``use_greedy_coordinate_descent`` /
+    ``greedy_cd_iterations``, ``frobenius_rho`` and ``use_learned_rounding`` add stages after LDLQ
+    (:class:`~cq.transforms.quip_refine.QuIPRefineConfig`; each never worse on ``tr(E H Eᵀ)``);
     ``use_frobenius_scaling`` has no effect (the reference applied it only on its broken
     non-Hadamard path; cq always uses absmax scales). ``seed=None`` means 0.
     ``output``: ``None`` (``"transformed"`` if ``store_transformed`` else ``"requant"``),
@@ -144,16 +145,13 @@ class QuIPInt8Converter:
                  greedy_cd_iterations: int = 100, frobenius_rho: float = 1.0,
                  output: Literal["requant", "convrot", "transformed"] | None = None,
                  convrot_groupsize: int | str = "auto"):
-        if use_learned_rounding:
-            raise NotImplementedError("use_learned_rounding: learned rounding inside QuIP is not implemented in cq")
-        if ldlq_iterations != 1:
-            raise NotImplementedError(f"ldlq_iterations={ldlq_iterations!r}: LDLQ residual re-passes are not "
-                                      "implemented in cq (use 1)")
-        if use_greedy_coordinate_descent:
-            raise NotImplementedError("use_greedy_coordinate_descent: greedy coordinate descent is not implemented in cq")
-        if frobenius_rho != 1.0:
-            raise NotImplementedError(f"frobenius_rho={frobenius_rho!r}: Frobenius scaling is not implemented "
-                                      "in cq (scales are absmax per row)")
+        from ..transforms.learned_round import LearnedRoundConfig
+        from ..transforms.quip_refine import QuIPRefineConfig
+
+        self.refine = QuIPRefineConfig(
+            ldlq_iterations=ldlq_iterations, greedy_cd=bool(use_greedy_coordinate_descent),
+            greedy_cd_iterations=greedy_cd_iterations, frobenius_rho=frobenius_rho,
+            learned_rounding=LearnedRoundConfig(optimizer="adamw") if use_learned_rounding else None)
         if streaming_mode not in _STREAMING_MODES:
             raise ConfigError(f"streaming_mode={streaming_mode!r} must be one of {list(_STREAMING_MODES)}")
         if streaming_thresholds is not None and not isinstance(streaming_thresholds, Mapping):
@@ -177,6 +175,10 @@ class QuIPInt8Converter:
         self.no_memory_limits = bool(no_memory_limits)
         self.low_memory = False  # the reference's pipeline sets this attribute; kept for scripts
         self.pipeline = quip_pipeline(self.cfg)
+        if self.refine.active:  # stages after LDLQ (cq.transforms.quip_refine); never worse on tr(E H Eᵀ)
+            from ..transforms.quip_refine import with_refinements
+
+            self.pipeline = with_refinements(self.pipeline, self.refine)
         #: The LayerState of the last :meth:`convert` (rotation, metrics, notes, history).
         self.last_state: LayerState | None = None
 
