@@ -121,17 +121,21 @@ def test_fp8_linear_matches_comfy_kitchen(static):
 def _write(path, states, fpmm=()):
     entries = {}
     with SafetensorsWriter(path, metadata=None) as wr:
-        for s in states:
-            if s.format == "float8_e4m3fn":
-                tensors = fp8_layer_tensors(s, full_precision_matrix_mult=s.name in fpmm)
-                entries[s.name] = fp8_comfy_quant_entry(s, full_precision_matrix_mult=s.name in fpmm)
-            else:
-                tensors = layer_tensors(s)
-                if s.format != "fp16":
-                    entries[s.name] = comfy_quant_entry(s)
+        for s in states:  # layer_tensors dispatches FP8 states to cq.io.comfy_fp8
+            tensors = layer_tensors(s, full_precision_matrix_mult=s.name in fpmm)
+            if s.format != "fp16":
+                entries[s.name] = comfy_quant_entry(s, full_precision_matrix_mult=s.name in fpmm)
             for k, t in tensors.items():
                 wr.add(k, t)
     return entries
+
+
+def test_comfy_writer_dispatches_fp8_states():
+    s = fp8_pipeline()(LayerState.from_weight("fc", torch.randn(4, 8)))
+    assert comfy_quant_entry(s) == fp8_comfy_quant_entry(s) == {"format": "float8_e4m3fn"}
+    assert layer_tensors(s).keys() == fp8_layer_tensors(s).keys()
+    with pytest.raises(CqError, match="only in ComfyUI's layout"):
+        layer_tensors(s, comfy=False)
 
 
 def test_mixed_file_loads_through_comfy_kitchen(tmp_path):

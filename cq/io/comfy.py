@@ -98,6 +98,10 @@ def comfy_quant_entry(state: LayerState, *, full_precision_matrix_mult: bool = F
         >>> comfy_quant_entry(s, full_precision_matrix_mult=True, legacy_axiswise=True)
         {'format': 'int8_axiswise', 'full_precision_matrix_mult': True}
     """
+    if state.format == "float8_e4m3fn":
+        from .comfy_fp8 import fp8_comfy_quant_entry
+
+        return fp8_comfy_quant_entry(state, full_precision_matrix_mult=full_precision_matrix_mult)
     fmt = _format_label(state, legacy_axiswise)
     entry: dict[str, Any] = {"format": fmt}
     if fmt == "int8_blockwise":
@@ -148,7 +152,8 @@ def layer_tensors(state: LayerState, *, comfy: bool = True, legacy_axiswise: boo
     and ``<name>.comfy_quant``. ``legacy_axiswise=True`` writes per-row scales as ``[N]`` labelled
     ``int8_axiswise``; ``comfy=False`` writes the legacy ``<name>.scale_weight`` and no
     ``.comfy_quant``. Both, and ``int8_blockwise``, warn with :class:`NonNativeFormatWarning`
-    because vanilla ComfyUI cannot load them. An ``fp16`` state gives only its float16 weight.
+    because vanilla ComfyUI cannot load them. An ``fp16`` state gives only its float16 weight; a
+    ``float8_e4m3fn`` state the FP8 layout of :func:`cq.io.comfy_fp8.fp8_layer_tensors`.
     ``<name>.bias`` is added, in its own dtype, when the state has one.
 
     Raises:
@@ -166,6 +171,13 @@ def layer_tensors(state: LayerState, *, comfy: bool = True, legacy_axiswise: boo
         fc.comfy_quant torch.uint8 [29]
     """
     name = state.name
+    if state.format == "float8_e4m3fn":  # ComfyUI's FP8 layout: cq.io.comfy_fp8
+        if not comfy or legacy_axiswise:
+            raise CqError(f"{name}: a float8_e4m3fn layer is written only in ComfyUI's layout (weight_scale + "
+                          ".comfy_quant); drop comfy=False / legacy_axiswise for it")
+        from .comfy_fp8 import fp8_layer_tensors
+
+        return fp8_layer_tensors(state, full_precision_matrix_mult=full_precision_matrix_mult)
     out: dict[str, torch.Tensor] = {}
     if state.format == "fp16":
         if state.basis is not None:
