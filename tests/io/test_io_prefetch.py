@@ -1,0 +1,106 @@
+"""Read-ahead and background writing: same tensors and bytes as the plain loops, bounded, errors surface."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from cq.errors import ConfigError, CqError
+from cq.io import SafetensorsWriter, UnifiedSafetensorsLoader, write_safetensors
+from cq.io.prefetch import BackgroundWriter, prefetch, prefetch_file
+
+
+def _tensors(n=6):
+    g = torch.Generator().manual_seed(0)
+    return {f"t{i}": torch.randn(3 + i, 5, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)
+            for i in range(n)}
+
+
+def test_prefetch_file_yields_every_tensor_in_order(tmp_path):
+    data = _tensors()
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, data)
+    got = list(prefetch_file(path, depth=2))
+    assert [k for k, _ in got] == list(data)
+    assert all(torch.equal(t, data[k]) and t.dtype == data[k].dtype for k, t in got)
+    assert [k for k, _ in prefetch_file(path, ["t3", "t0"])] == ["t3", "t0"]
+
+
+def test_read_ahead_is_bounded():
+    reads = []
+    data = {f"k{i}": torch.zeros(1000) for i in range(20)}
+
+    def read(key):
+        reads.append(key)
+        return data[key]
+
+    it = prefetch(read, data, depth=2)
+    next(it)
+    time.sleep(0.2)  # give the reader every chance to run ahead
+    # one yielded, at most `depth` waiting, one read and blocked on the budget
+    assert len(reads) <= 1 + 2 + 1
+    it.close()
+    it = prefetch(read, data, depth=5, max_bytes=4000 * 2)  # bytes bound: two 4000-byte tensors
+    reads.clear()
+    next(it)
+    time.sleep(0.2)
+    assert len(reads) <= 1 + 2 + 1
+    it.close()
+
+
+def test_read_error_is_raised_at_its_key_and_break_stops_the_reader():
+    def read(key):
+        if key == "c":
+            raise OSError("disk on fire")
+        return torch.ones(1)
+
+    got = []
+    with pytest.raises(OSError, match="disk on fire"):
+        for k, _ in prefetch(read, ["a", "b", "c", "d"]):
+            got.append(k)
+    assert got == ["a", "b"]
+    before = threading.active_count()
+    for _ in prefetch(lambda k: torch.ones(1), range(100)):
+        break
+    assert threading.active_count() <= before
+    with pytest.raises(ConfigError, match="depth=0"):
+        next(prefetch(read, ["a"], depth=0))
+
+
+def test_background_writer_writes_the_same_file(tmp_path):
+    data = _tensors()
+    write_safetensors(tmp_path / "plain.safetensors", data)
+    with SafetensorsWriter(tmp_path / "bg.safetensors") as w, BackgroundWriter(w, depth=2) as bw:
+        for k, t in data.items():
+            bw.add(k, t)
+    assert (tmp_path / "plain.safetensors").read_bytes() == (tmp_path / "bg.safetensors").read_bytes()
+
+
+def test_background_write_error_surfaces_and_nothing_is_published(tmp_path):
+    path = tmp_path / "o.safetensors"
+    with pytest.raises(CqError, match="already added"):
+        with SafetensorsWriter(path) as w, BackgroundWriter(w) as bw:
+            bw.add("a", torch.ones(2))
+            bw.add("a", torch.ones(2))  # duplicate: fails in the thread
+            bw.flush()
+    assert os.listdir(tmp_path) == []
+
+
+def test_caller_error_aborts_the_file(tmp_path):
+    path = tmp_path / "o.safetensors"
+    with pytest.raises(RuntimeError, match="quantizer failed"):
+        with SafetensorsWriter(path) as w, BackgroundWriter(w) as bw:
+            bw.add("a", torch.ones(2))
+            raise RuntimeError("quantizer failed")
+    assert os.listdir(tmp_path) == []
+    with SafetensorsWriter(tmp_path / "x.safetensors") as w:
+        bw = BackgroundWriter(w)
+        bw.close()
+        with pytest.raises(ConfigError, match="after close"):
+            bw.add("b", torch.ones(1))
+    with UnifiedSafetensorsLoader(tmp_path / "x.safetensors") as f:
+        assert f.keys() == []
