@@ -51,9 +51,11 @@ def default_output_name(args: argparse.Namespace) -> str:
 
 
 def _dry_run(mode: str, inp: str, cfg) -> int:
-    """``--dry-run``: decisions for every tensor (analyze) or a layer-config template; no conversion."""
+    """``--dry-run``: every tensor's plan and why (analyze) or a layer-config template; no conversion."""
+    from .convert import plan_model
     from .io import UnifiedSafetensorsLoader
-    from .selection import SelectionConfig, iter_decisions
+    from .model import LoaderView
+    from .recipes import recipe_label
 
     with UnifiedSafetensorsLoader(inp, low_memory=True) as loader:
         if mode == "create-template":
@@ -68,10 +70,10 @@ def _dry_run(mode: str, inp: str, cfg) -> int:
             print(f"wrote {path} ({sum(1 for k in template if not k.startswith('_'))} layers)")
             return 0
         counts: dict[str, int] = {}
-        for key, d in iter_decisions(loader, cfg.selection or SelectionConfig()):
-            counts[d.action] = counts.get(d.action, 0) + 1
-            target = f" -> {d.target or cfg.target}" if d.action == "quantize" else ""
-            print(f"{d.action:<9} {key}{target}  ({d.reason})" if d.reason else f"{d.action:<9} {key}{target}")
+        for p in plan_model(LoaderView(loader), cfg):
+            counts[p.action] = counts.get(p.action, 0) + 1
+            recipe = f" -> {recipe_label(p.recipe)}" if p.action == "quantize" else ""
+            print(f"{p.action:<10} {p.key}{recipe}  ({p.reason})" if p.reason else f"{p.action:<10} {p.key}{recipe}")
     print(", ".join(f"{n} {a}" for a, n in sorted(counts.items())) + "; nothing written (dry run)")
     return 0
 

@@ -35,7 +35,7 @@ from .transforms import (GPTQConfig, MetricsConfig, QuIPConfig, RoundConfig, Sca
                          check_linear, fp16_cast, gptq_update, measure, round_to_nearest)
 
 __all__ = ["RTN", "GPTQ", "QuIP", "FP16", "Recipe", "RecipeInfo", "register_recipe", "recipe_pipeline",
-           "recipe_info", "registered_recipes", "with_granularity", "rtn_pipeline", "gptq_pipeline", "fp16_pipeline",
+           "recipe_info", "recipe_label", "registered_recipes", "with_granularity", "rtn_pipeline", "gptq_pipeline", "fp16_pipeline",
            "metrics_inputs", "measure_stage"]
 
 
@@ -138,6 +138,26 @@ def recipe_pipeline(recipe: Recipe | Pipeline, *, backend: Backend | str = Backe
         raise ConfigError(f"the recipe handler for {type(recipe).__name__} returned {type(pipe).__name__}, "
                           "not a cq.Pipeline")
     return pipe
+
+
+def recipe_label(recipe: Recipe | Pipeline) -> str:
+    """A short human label: the recipe's type and its scale layout (``--dry-run``, progress).
+
+    Example:
+        >>> recipe_label(RTN()), recipe_label(GPTQ(PerTensor())), recipe_label(QuIP())
+        ('RTN per-row', 'GPTQ per-tensor', 'QuIP convrot')
+    """
+    if isinstance(recipe, Pipeline):
+        return "pipeline(" + ", ".join(recipe.names) + ")"
+    parts = [type(recipe).__name__]
+    gran = getattr(recipe, "granularity", None)
+    if gran is not None:
+        size = getattr(gran, "size", None)
+        parts.append({"PerRow": "per-row", "PerTensor": "per-tensor"}.get(type(gran).__name__,
+                                                                          f"{type(gran).__name__}({size})"))
+    if isinstance(recipe, QuIP):
+        parts.append(recipe.quip.resolved_output)
+    return " ".join(parts)
 
 
 def with_granularity(recipe: Recipe, granularity: Granularity, *, layer: str = "layer") -> Recipe:

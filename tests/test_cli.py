@@ -109,9 +109,10 @@ def test_dry_run_analyze_writes_nothing(model_file, tmp_path, capsys):
     listing = sorted(p.name for p in tmp_path.iterdir())
     rc, stdout, err = _run(capsys, "-i", str(model_file), "--dry-run", "--exclude-layers", "fc2")
     assert rc == 0, err
-    assert "quantize  blocks.0.attn.proj.weight -> int8" in stdout
-    assert "keep      blocks.0.mlp.fc2.weight" in stdout and "exclude_layers" in stdout
-    assert "keep      token_embedding.weight" in stdout and "embedding table" in stdout
+    assert "quantize   blocks.0.attn.proj.weight -> RTN per-row" in stdout
+    assert "with_layer blocks.0.attn.proj.bias" in stdout
+    assert "keep       blocks.0.mlp.fc2.weight" in stdout and "exclude_layers" in stdout
+    assert "keep       token_embedding.weight" in stdout and "embedding table" in stdout
     assert stdout.rstrip().endswith("nothing written (dry run)")
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
