@@ -36,7 +36,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import attrs
 import torch

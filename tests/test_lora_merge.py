@@ -521,3 +521,16 @@ def test_calibration_rows_are_matched_exactly_and_stacked_on_fused_weights():
     assert torch.equal(rows["diffusion_model.double_blocks.0.img_attn.qkv.weight"],
                        torch.cat([gq[".lora_A.weight"], gk[".lora_A.weight"]]))
     assert torch.equal(rows["diffusion_model.double_blocks.0.txt_attn.qkv.weight"], gt[".lora_down.weight"])
+
+
+def test_a_corrupt_lora_tensor_is_named():
+    base = wan_base()
+    g = lora_pair(H, H, 2, seed=1)
+    g[".lora_up.weight"][0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"LoRA key 'diffusion_model.blocks.0.self_attn.q.lora_up.weight' "
+                                         r"\(torch.float32, \[8, 2\]\) holds NaN/Inf"):
+        plan_lora_merge(DictView(base), [_file({"diffusion_model.blocks.0.self_attn.q": g})])
+    fp8 = {".diff": torch.zeros(H, H).to(torch.float8_e4m3fn)}
+    edits = plan_lora_merge(DictView(base), [_file({"diffusion_model.blocks.0.self_attn.q": fp8})])
+    k = "diffusion_model.blocks.0.self_attn.q.weight"
+    assert torch.equal(edits.apply(k, base[k]), base[k])

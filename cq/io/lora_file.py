@@ -99,19 +99,26 @@ class LoraFile:
     metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen, repr=False)
     path: str | None = None
 
+    _grouping: tuple = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self):
+        # grouped once: a LoRA file of a large model has thousands of names
+        object.__setattr__(self, "_grouping", _group(self.tensors))
+
     @property
     def groups(self) -> Mapping[str, Mapping[str, torch.Tensor]]:
-        groups, _ = _group(self.tensors)
-        return {p: {s: self.tensors[k] for s, k in g.items()} for p, g in groups.items()}
+        """``{prefix: {suffix: tensor}}``."""
+        return {p: {s: self.tensors[k] for s, k in g.items()} for p, g in self._grouping[0].items()}
 
     @property
     def group_keys(self) -> Mapping[str, Mapping[str, str]]:
         """``{prefix: {suffix: tensor name}}``."""
-        return _group(self.tensors)[0]
+        return self._grouping[0]
 
     @property
     def ungrouped(self) -> tuple[str, ...]:
-        return tuple(_group(self.tensors)[1])
+        """Names with no known suffix, in file order."""
+        return tuple(self._grouping[1])
 
     def renamed(self, rename: Mapping[str, str]) -> "LoraFile":
         """The same file with tensor names replaced by ``rename[name]`` where given."""

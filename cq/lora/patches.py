@@ -292,6 +292,13 @@ def patches_from_group(prefix: str, group: Mapping[str, torch.Tensor]
         >>> w.kind, w.scale(), b.kind, sorted(used)
         ('lora', 4.0, 'diff', ['.alpha', '.diff_b', '.lora_down.weight', '.lora_up.weight'])
     """
+    for suffix, t in group.items():
+        number = t.is_floating_point() or t.dtype in (torch.int64, torch.int32)
+        if number and t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            t = t.to(torch.float32)  # float8 / integer tensors: isfinite is not defined for every dtype on CPU
+        if not number or not bool(torch.isfinite(t).all()):
+            raise InputError(f"LoRA key {prefix + suffix!r} ({t.dtype}, {list(t.shape)}) holds NaN/Inf or is not a "
+                             "number tensor; the LoRA file is corrupt")
     for suffix, what in _REFUSED.items():
         if suffix in group:
             raise InputError(f"LoRA key {prefix + suffix!r}: {what} adapters are not supported by cq's merge; "
