@@ -86,6 +86,8 @@ def test_idempotent(w):
     again = quantize_e4m3(s.codes.to(torch.float32) * s.scale, s.scale)
     assert torch.equal(again.view(torch.uint8), s.codes.view(torch.uint8)) or torch.equal(
         again.to(torch.float32), s.codes.to(torch.float32))  # ±0 may differ in sign only
+    # re-quantizing the dequantized weight finds the same scale: its absmax is 448·s and, for s = fl(a/448),
+    # fl(fl(448·s)/448) == s (checked on 2·10⁷ random float32 a), so the values are reproduced exactly
     s2 = _fp8(reconstruct(s))
     assert torch.equal(s2.codes.to(torch.float32) * s2.scale, s.codes.to(torch.float32) * s.scale)
 

@@ -68,6 +68,15 @@ def test_each_layout_is_recognised_with_its_presets(family):
     assert d.describe().startswith("architecture: " + family)
 
 
+@pytest.mark.parametrize("family", sorted(set(LAYOUTS) - {"lora", "visual"}))
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model.", "transformer.", "text_encoders.t5xxl.transformer."])
+def test_detection_does_not_depend_on_the_key_prefix(family, prefix):
+    keys = {prefix + k.removeprefix(D): s for k, s in LAYOUTS[family].items()}
+    d = detect_architecture(keys)
+    assert (d.family, d.presets) == (family, FAMILIES[family])
+    assert d.prefix in (prefix, prefix + "model.")  # decoder LLM anchors sit under "model."
+
+
 def test_every_family_maps_to_real_presets_and_every_preset_family_is_covered():
     assert all(p in PRESETS for ps in FAMILIES.values() for p in ps)
     covered = {p for f in LAYOUTS for p in FAMILIES[f]}
