@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot check of cq's Triton kernels on a CUDA machine: compiled (not interpreted) parity tests,
-# the kernel doctests, then the torch-vs-Triton benchmark. Budget: under 5 minutes, most of it Triton
+# the kernel doctests, the torch-vs-Triton benchmark, then a whole conversion on CPU vs CUDA. Budget: under 5 minutes, most of it Triton
 # compiling each kernel variant and timing 3 autotune configs per new (N, K).
 #
 # Usage:   scripts/gpu_check.sh            (from anywhere; it runs in the repository root)
@@ -42,5 +42,10 @@ tests_rc=${PIPESTATUS[0]}
 timeout 60 "$PY" benchmarks/bench_kernels.py 2>&1 | tee "$LOG/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
-echo "pytest rc=$tests_rc bench rc=$bench_rc (124 = timed out)" | tee "$LOG/summary.txt"
-[[ $tests_rc -eq 0 && $bench_rc -eq 0 ]] || exit 1
+# End to end: the same model converted on the CPU and on CUDA (Triton backend): identical RTN codes,
+# equal GPTQ/LDLQ proxy loss, and the wall time of both.
+timeout 240 "$PY" scripts/device_parity.py --a cpu --b cuda --backend-b triton 2>&1 | tee "$LOG/parity.txt"
+parity_rc=${PIPESTATUS[0]}
+
+echo "pytest rc=$tests_rc bench rc=$bench_rc parity rc=$parity_rc (124 = timed out)" | tee "$LOG/summary.txt"
+[[ $tests_rc -eq 0 && $bench_rc -eq 0 && $parity_rc -eq 0 ]] || exit 1
