@@ -253,6 +253,26 @@ def test_qwen_image_bare_transformer_and_lycoris_names():
         _close(edits.apply(key, base[key]), ref.patch(base[key], groups[name]), base[key])
 
 
+def test_z_image_diffusers_names_and_qkv_slices():
+    t = {"x_embedder.weight": (H, 16), "cap_embedder.1.weight": (H, 8), "layers.0.attention.qkv.weight": (3 * H, H),
+         "layers.0.feed_forward.w1.weight": (3 * H, H), "noise_refiner.0.attention.qkv.weight": (3 * H, H),
+         "final_layer.linear.weight": (16, H)}
+    base = {"model.diffusion_model." + k: _randn(*s, seed=140 + i, dtype=torch.bfloat16) for i, (k, s) in enumerate(t.items())}
+    cases = {"diffusion_model.layers.0.attention.to_k": ("layers.0.attention.qkv.weight", (0, H, H)),
+             "transformer.noise_refiner.0.attention.to_v": ("noise_refiner.0.attention.qkv.weight", (0, 2 * H, H)),
+             "lycoris_layers_0_feed_forward_w1": ("layers.0.feed_forward.w1.weight", None),
+             "all_final_layer.2-1.linear": ("final_layer.linear.weight", None)}
+    groups, want = {}, {}
+    for i, (name, (key, off)) in enumerate(cases.items()):
+        key = "model.diffusion_model." + key
+        groups[name] = lora_pair(off[2] if off else base[key].shape[0], H, 2, seed=150 + 2 * i, alpha=1.0)
+        want[key] = ref.patch(base[key], groups[name], 1.0, off)
+    edits = plan_lora_merge(DictView(base), [_file(groups)])
+    assert edits.report["lora"]["architecture"] == "lumina2" and edits.warnings == ()
+    for k, v in want.items():
+        _close(edits.apply(k, base[k]), v, base[k])
+
+
 def test_sdxl_native_kohya_diffusers_kohya_old_diffusers_and_conv_locon():
     base = sdxl_base()
     P, c = "model.diffusion_model.", 8

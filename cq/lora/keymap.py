@@ -20,6 +20,8 @@ Entries per architecture (``X`` = a native key without ``.weight``, ``D`` = a di
   blocks' ``to_q/k/v`` and ``proj_mlp`` → ``linear1``), ``norm_out.linear`` with its halves swapped,
   and ``diffusion_model.single_blocks.N.linear1_qkv`` for rows ``[0, 3H)``;
 * Qwen-Image: bare ``X``, ``transformer.X``, ``lycoris_X_``;
+* Z-Image / Lumina 2: ``diffusion_model.D``, ``transformer.D``, ``lycoris_D_``, bare ``D``, with the
+  diffusers ``attention.to_q/k/v`` as slices of the fused ``attention.qkv``;
 * Wan: the generic entries only (as in ComfyUI), plus Wan-Fun's ``lora_unet__`` spelling
   (``comfy/lora_convert.py``), handled by :func:`convert_lora_names`.
 
@@ -132,7 +134,7 @@ def _blocks(native: Iterable[str], pattern: str) -> list[int]:
 
 
 def detect_architecture(native: Iterable[str]) -> str:
-    """``flux``, ``mmdit``, ``qwen_image``, ``wan``, ``unet`` or ``generic``, from native key names.
+    """``flux``, ``mmdit``, ``qwen_image``, ``lumina2``, ``wan``, ``unet`` or ``generic``, from native key names.
 
     Example:
         >>> detect_architecture(["joint_blocks.0.x_block.attn.qkv.weight"])
@@ -145,6 +147,8 @@ def detect_architecture(native: Iterable[str]) -> str:
         return "mmdit"
     if "txt_norm.weight" in n and "transformer_blocks.0.attn.to_q.weight" in n:
         return "qwen_image"
+    if "layers.0.attention.qkv.weight" in n and ("cap_embedder.1.weight" in n or "noise_refiner.0.attention.qkv.weight" in n):
+        return "lumina2"
     if "blocks.0.self_attn.q.weight" in n or "patch_embedding.weight" in n:
         return "wan"
     if "input_blocks.0.0.weight" in n:
@@ -243,6 +247,38 @@ def _mmdit_diffusers(native: set[str], hidden: int | None) -> dict[str, Target]:
     if depth:
         out[f"transformer_blocks.{depth - 1}.norm1_context.linear"] = Target(
             f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1.weight", None, "swap_scale_shift")
+    return out
+
+
+_LUMINA_BLOCK = ("attention.norm_q:attention.q_norm", "attention.norm_k:attention.k_norm",
+                 "attention.to_out.0:attention.out", "attention_norm1:attention_norm1",
+                 "attention_norm2:attention_norm2", "feed_forward.w1:feed_forward.w1",
+                 "feed_forward.w2:feed_forward.w2", "feed_forward.w3:feed_forward.w3", "ffn_norm1:ffn_norm1",
+                 "ffn_norm2:ffn_norm2", "adaLN_modulation.0:adaLN_modulation.0")
+_LUMINA_BASIC = {"all_final_layer.2-1.linear": "final_layer.linear",
+                 "all_final_layer.2-1.adaLN_modulation.1": "final_layer.adaLN_modulation.1",
+                 "all_x_embedder.2-1": "x_embedder", "cap_embedder.0": "cap_embedder.0",
+                 "cap_embedder.1": "cap_embedder.1", "t_embedder.mlp.0": "t_embedder.mlp.0",
+                 "t_embedder.mlp.2": "t_embedder.mlp.2"}
+
+
+def _lumina_diffusers(native: set[str], hidden: int | None) -> dict[str, Target]:
+    """As ``comfy/utils.py: z_image_to_diffusers`` (Z-Image / Lumina 2): q/k/v are slices of ``attention.qkv``."""
+    out: dict[str, Target] = {}
+    h = hidden or 0
+    groups = [("layers", _blocks(native, r"layers\.(\d+)\."))]
+    # ComfyUI maps two refiner blocks of each kind (its default n_refiner_layers)
+    groups += [("context_refiner", [0, 1]), ("noise_refiner", [0, 1])]
+    for name, idx in groups:
+        for i in idx:
+            b = f"{name}.{i}"
+            for j, q in enumerate(("q", "k", "v")):
+                out[f"{b}.attention.to_{q}"] = Target(f"{b}.attention.qkv.weight", (0, j * h, h))
+            for pair in _LUMINA_BLOCK:
+                d, nat = pair.split(":")
+                out[f"{b}.{d}"] = Target(f"{b}.{nat}.weight")
+    for d, nat in _LUMINA_BASIC.items():
+        out[d] = Target(f"{nat}.weight")
     return out
 
 
@@ -391,6 +427,13 @@ def comfy_key_map(view: Any) -> BaseKeyMap:
         for x in native if hidden else ():
             if x.endswith(".weight") and ".linear1." in x:
                 put("diffusion_model." + x.replace(".linear1.weight", ".linear1_qkv"), Target(x, (0, 0, 3 * hidden)))
+    elif arch == "lumina2":
+        hidden = _hidden(view, prefix, "x_embedder.weight")
+        for d, t in _without_slices(_lumina_diffusers(nset, hidden), hidden).items():
+            put("diffusion_model." + d, t)
+            put("transformer." + d, t)
+            put("lycoris_" + d.replace(".", "_"), t)
+            put(d, t)
     elif arch == "qwen_image":
         for x in native:
             if x.endswith(".weight"):
