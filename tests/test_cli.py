@@ -129,3 +129,26 @@ def test_dry_run_template_is_a_loadable_layer_config(model_file, capsys):
     rc, stdout, err = _run(capsys, "-i", str(model_file), "-o", str(out), "--layer-config", str(path))
     assert rc == 0, err
     assert out.exists()
+
+
+def test_minimal_verbosity_prints_only_warnings_and_the_summary(model_file, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    rc, stdout, err = _run(capsys, "-i", str(model_file), "-o", str(out), "--optimizer", "gptq",
+                           "--scaling_mode", "block", "--block_size", "64", "--verbose", "MINIMAL")
+    assert rc == 0, err
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1 and "layers quantized" in lines[0] and f"wrote {out}" in lines[0]
+    # per-layer fallbacks (block scales -> rows on fc1) and run notes reach stderr as warning: lines
+    assert "warning: blocks.0.mlp.fc1" in err and "per-row" in err
+    assert all(ln.startswith("warning: ") for ln in err.strip().splitlines())
+
+
+def test_facade_report_quality_logs_the_table(model_file, tmp_path, caplog):
+    import logging
+
+    from cq import convert_to_int8
+
+    with caplog.at_level(logging.INFO, logger="cq"):
+        convert_to_int8(str(model_file), str(tmp_path / "o.safetensors"), comfy_quant=True, filter_flags={},
+                        calib_samples=64, seed=0, report_quality=True)
+    assert any("layers quantized" in r.getMessage() for r in caplog.records)
