@@ -162,9 +162,9 @@ class HessianSource:
 
             self.calibration = load_calibration(cfg.calibration_path)
         if cfg.calibration_lora_path and view is not None:
-            from .lora import lora_rows_for
+            from .lora_merge import lora_rows_for
 
-            self.lora_rows = lora_rows_for(view.keys(), cfg.calibration_lora_path)
+            self.lora_rows = lora_rows_for(view, cfg.calibration_lora_path)
             if not self.lora_rows:
                 log.warning("warning: calibration LoRA %s matches no layer of the model; synthetic Hessians are "
                             "plain Gaussian", cfg.calibration_lora_path)
@@ -259,7 +259,7 @@ def model_transforms_for(cfg: ConvertConfig) -> tuple[ModelTransform, ...]:
     """The model transforms a config asks for: LoRA merging first, then the user's, in order."""
     out: list[ModelTransform] = []
     if cfg.merge_loras:
-        from .lora import LoraMergeConfig, merge_loras
+        from .lora_merge import LoraMergeConfig, merge_loras
 
         out.append(functools.partial(merge_loras, cfg=LoraMergeConfig(paths=cfg.merge_loras, scale=cfg.merge_lora_scale,
                                                                       dampen=cfg.merge_lora_dampen)))

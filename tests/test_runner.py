@@ -229,3 +229,69 @@ def test_accepted_combinations_build():
     _, _, cfg = build_config({**BASE, "merge_lora_paths": ["a.safetensors", "b.safetensors"],
                               "merge_lora_scale": 0.5})
     assert cfg.merge_loras == ("a.safetensors", "b.safetensors") and cfg.merge_lora_scale == 0.5
+
+
+# -- LoRA merging and calibration LoRAs through the runner ---------------------------------------
+
+
+def _lora_file(path, entries, *, alpha=None):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    for stem, (n, k) in entries.items():
+        tensors[f"lora_unet_{stem.replace('.', '_')}.lora_down.weight"] = torch.randn(4, k, generator=g) * 0.05
+        tensors[f"lora_unet_{stem.replace('.', '_')}.lora_up.weight"] = torch.randn(n, 4, generator=g) * 0.05
+        if alpha is not None:
+            tensors[f"lora_unet_{stem.replace('.', '_')}.alpha"] = torch.tensor(float(alpha))
+    save_file(tensors, str(path))
+    return tensors
+
+
+def test_merge_lora_through_the_facade_merges_before_quantizing(model_file, tmp_path, caplog):
+    lora = tmp_path / "l.safetensors"
+    lt = _lora_file(lora, {"blocks.0.attn.proj": (64, 64), "blocks.0.norm9": (64, 64)}, alpha=2.0)
+    out = tmp_path / "o.safetensors"
+    with caplog.at_level(logging.WARNING, logger="cq"):
+        report = cq.convert_to_int8(str(model_file), str(out), comfy_quant=True, filter_flags={}, calib_samples=64,
+                                    seed=0, merge_lora_path=str(lora), merge_lora_scale=0.5)
+    src, t = make_model_tensors(), _load(out)
+    down = lt["lora_unet_blocks_0_attn_proj.lora_down.weight"].double()
+    up = lt["lora_unet_blocks_0_attn_proj.lora_up.weight"].double()
+    merged = src["blocks.0.attn.proj.weight"].double() + 0.5 * (2.0 / 4) * (up @ down)
+    scale = t["blocks.0.attn.proj.weight_scale"].double()
+    deq = t["blocks.0.attn.proj.weight"].double() * scale
+    assert float((deq - merged).abs().max()) <= float(scale.max()) / 2 * (1 + 1e-6)  # half a step: RTN of the merge
+    assert "norm9" in caplog.text and "lora" in report.model
+
+
+def test_a_lora_that_matches_nothing_is_an_error_and_writes_nothing(model_file, tmp_path):
+    lora = tmp_path / "l.safetensors"
+    _lora_file(lora, {"other.model.layer": (8, 8)})
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(cq.CqError, match="l.safetensors"):
+        convert_file(str(model_file), str(out), ConvertConfig(merge_loras=(str(lora),)))
+    assert not out.exists()
+
+
+def test_synthetic_hessians_are_per_layer_when_a_calibration_lora_shapes_them(model_file, tmp_path):
+    """Two layers of the same width must not share the first one's LoRA-shaped Hessian."""
+    from cq.convert import HessianSource
+
+    lora = tmp_path / "l.safetensors"
+    _lora_file(lora, {"blocks.0.attn.proj": (64, 64), "blocks.0.mlp.fc1": (96, 64)})
+    from cq.io import UnifiedSafetensorsLoader
+    from cq.model import LoaderView
+
+    cfg = ConvertConfig(recipe=GPTQ(), synthetic_calibration=True, calibration_lora_path=str(lora), calib_samples=256)
+    with UnifiedSafetensorsLoader(str(model_file), low_memory=True) as f:
+        view = LoaderView(f)
+        plans = {p.key: p for p in plan_model(view, cfg)}
+        src = HessianSource(cfg, view)
+        h_proj = src(plans["blocks.0.attn.proj.weight"], 64)
+        h_fc1 = src(plans["blocks.0.mlp.fc1.weight"], 64)
+        h_mod = src(plans["blocks.0.adaLN_modulation.1.weight"], 64)  # no LoRA rows: plain Gaussian
+        h_fin = src(plans["final_layer.linear.weight"], 64)
+    assert not torch.equal(h_proj.hessian, h_fc1.hessian)
+    assert "calibration-LoRA" in h_proj.note and "calibration-LoRA" not in h_mod.note
+    assert h_mod.hessian is h_fin.hessian  # the LoRA-free Gaussian is shared by width, as it may be
