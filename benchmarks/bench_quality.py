@@ -90,6 +90,31 @@ RECIPES = {
     "quip+hsearch_rtn": lambda s: ldlq(scale_search(absmax_scale(_rot(s), cfg=ROW),
                                                     cfg=ScaleSearchConfig(objective="hessian")), cfg=LDLQ_ACT),
 }
+def _shrunk(s, beta):
+    """Shrink the calibration Hessian towards its diagonal (original basis): (1 − β)·H + β·diag(H)."""
+    h = s.hessian
+    return attrs.evolve(s, hessian=(1 - beta) * h + beta * torch.diag(h.diagonal()))
+
+
+def _kt_damp(s, c):
+    t = int(s.meta.get("calibration", {}).get("samples", 0)) or 10 ** 9
+    return attrs.evolve(LDLQ_ACT, damping=DampingConfig(percdamp=c * s.shape[1] / t))
+
+
+for _b in (0.1, 0.3, 0.5, 0.7):
+    RECIPES[f"quip@s{_b}"] = (lambda b: lambda s: ldlq(absmax_scale(_rot(_shrunk(s, b)), cfg=ROW), cfg=LDLQ_ACT))(_b)
+    RECIPES[f"quip@s{_b}+bias"] = (lambda b: lambda s: bias_correction(RECIPES[f"quip@s{b}"](s)))(_b)
+    RECIPES[f"quip@s{_b}+msesearch"] = (lambda b: lambda s: ldlq(scale_search(absmax_scale(_rot(_shrunk(s, b)), cfg=ROW),
+                                                                        cfg=ScaleSearchConfig(objective="mse")),
+                                                                cfg=LDLQ_ACT))(_b)
+    RECIPES[f"quip@s{_b}d0.1"] = (lambda b: lambda s: ldlq(absmax_scale(_rot(_shrunk(s, b)), cfg=ROW), cfg=attrs.evolve(
+        LDLQ_ACT, damping=DampingConfig(percdamp=0.1))))(_b)
+for _c in (0.1, 0.3):
+    RECIPES[f"quip@kt{_c}"] = (lambda c: lambda s: ldlq(absmax_scale(_rot(s), cfg=ROW), cfg=_kt_damp(s, c)))(_c)
+RECIPES["quip@d0.1+bias"] = lambda s: bias_correction(RECIPES["quip@d0.1"](s))
+RECIPES["quip@d0.1+msesearch+bias"] = lambda s: bias_correction(ldlq(scale_search(
+    absmax_scale(_rot(s), cfg=ROW), cfg=ScaleSearchConfig(objective="mse")), cfg=attrs.evolve(
+    LDLQ_ACT, damping=DampingConfig(percdamp=0.1))))
 for _d in (0.03, 0.1, 0.3, 1.0):
     RECIPES[f"quip@d{_d}"] = (lambda d: lambda s: ldlq(absmax_scale(_rot(s), cfg=ROW), cfg=attrs.evolve(
         LDLQ_ACT, damping=DampingConfig(percdamp=d))))(_d)
@@ -158,7 +183,8 @@ def run_minilm(recipes, *, calib_n=None):
             st = stats[lname]
             s = LayerState.from_weight(lname, mod.weight.detach(), bias=None if mod.bias is None else mod.bias.detach(),
                                        hessian=st.hessian,
-                                       meta={"calibration": {"input_mean": st.input_mean}, "w8a8_stats": st.w8a8})
+                                       meta={"calibration": {"input_mean": st.input_mean, "samples": st.samples},
+                                             "w8a8_stats": st.w8a8})
             states[lname] = fn(s)
         secs = (time.perf_counter() - t1) / len(linears)
 
@@ -213,7 +239,8 @@ def run_dit(recipes, *, tokens=2048, shapes=DIT_SHAPES):
         e8, e88 = [], []
         t1 = time.perf_counter()
         for lname, w, h, mu, w8, xh in layers:
-            s = LayerState.from_weight(lname, w, hessian=h, meta={"calibration": {"input_mean": mu}, "w8a8_stats": w8})
+            s = LayerState.from_weight(lname, w, hessian=h, meta={"calibration": {"input_mean": mu, "samples": tokens},
+                                                                  "w8a8_stats": w8})
             out = RECIPES[name](s)
             ref = xh @ w.t()
             e8.append(err(xh @ reconstruct(out).t(), ref))

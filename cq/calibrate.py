@@ -157,8 +157,8 @@ class ActivationStats:
     """
 
     groupsize: int
-    hessian: torch.Tensor  # float32 [K, K] 2/T X̃ᵀX̃
-    cross: torch.Tensor  # float32 [K, K] 2/T X̃ᵀX_w (row index: x̃)
+    hessian: torch.Tensor | None  # float32 [K, K] 2/T X̃ᵀX̃ (None when loaded from a file)
+    cross: torch.Tensor | None  # float32 [K, K] 2/T X̃ᵀX_w, row index x̃ (None when loaded from a file)
     err_sq: torch.Tensor  # float32 [K] 2/T Σ e²
     err_x: torch.Tensor  # float32 [K] 2/T Σ e·x_w
     err_mean: torch.Tensor  # float32 [K] mean e
@@ -166,7 +166,7 @@ class ActivationStats:
 
     @property
     def k(self) -> int:
-        return self.hessian.shape[0]
+        return self.err_sq.shape[0]
 
 
 @attrs.frozen(eq=False)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -61,6 +62,12 @@ FORMAT = "cq-calibration-1"
 
 _CQ_SUFFIXES = ("hessian", "input_absmax", "input_mean", "samples")
 _REF_SUFFIXES = ("channel_max", "channel_mean", "input_scale")
+#: Optional per-basis statistics of ComfyUI's W8A8 activation path (cq.calibrate.ActivationStats):
+#: ``<L>.w8a8_{err_sq,err_x,err_mean}_g<G>`` float32 [K], G = ConvRot group size (0: unrotated).
+#: Files without them load as before; the [K, K] X̃ᵀX̃ / X̃ᵀX stay in memory only (measured: they
+#: overfit, see cq.transforms.w8a8_round).
+_W8A8_KEY = re.compile(r"^(?P<layer>.+)\.(?P<suffix>w8a8_(?:err_sq|err_x|err_mean)_g\d+)$")
+_W8A8_FIELDS = ("err_sq", "err_x", "err_mean")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +113,16 @@ def save_calibration(path: str | os.PathLike, stats: Mapping[str, HessianStats],
         tensors[f"{layer}.input_mean"] = st.input_mean.detach().to(torch.float32).cpu().contiguous()
         if not uniform:
             tensors[f"{layer}.samples"] = torch.tensor(st.samples, dtype=torch.int64)
+        for g, act in (getattr(st, "w8a8", None) or {}).items():
+            for field in _W8A8_FIELDS:
+                tensors[f"{layer}.w8a8_{field}_g{int(g)}"] = getattr(act, field).detach().to(torch.float32).cpu().contiguous()
+    # One HessianStats saved under two names (or views of one buffer) would share memory, which
+    # safetensors refuses with a RuntimeError; give each repeat its own copy.
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        if t.numel() and t.data_ptr() in seen:
+            tensors[name] = t.clone()
+        seen.add(tensors[name].data_ptr())
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     reserved = sorted({"format", "samples"} & set(meta))
     if reserved:
@@ -276,6 +293,29 @@ class Calibration:
             raise InputError(f"{self.path}: {layer}.input_scale must hold one number, got shape {tuple(t.shape)}")
         return float(t.reshape(()))
 
+    def w8a8_stats(self, layer: str) -> dict[int, Any]:
+        """``{ConvRot group size (0: unrotated): ActivationStats}`` stored for ``layer`` (``{}`` if none).
+
+        Only the ``[K]`` diagonals are stored, so ``hessian`` and ``cross`` are ``None``.
+        """
+        from .calibrate import ActivationStats
+
+        entry = self.entries.get(layer, {})
+        groups = sorted({int(s.rsplit("_g", 1)[1]) for s in entry if s.startswith("w8a8_")})
+        out = {}
+        for g in groups:
+            vecs = {f: self._read(layer, f"w8a8_{f}_g{g}") for f in _W8A8_FIELDS}
+            missing = [f for f, v in vecs.items() if v is None]
+            if missing:
+                raise InputError(f"{self.path}: {layer} has W8A8 statistics for group size {g} without "
+                                 f"{['w8a8_' + f + f'_g{g}' for f in missing]}; recapture with capture(..., w8a8=...)")
+            shapes = {tuple(v.shape) for v in vecs.values()}
+            if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+                raise InputError(f"{self.path}: {layer}.w8a8_*_g{g} must all be [K] vectors, got {sorted(shapes)}")
+            out[g] = ActivationStats(groupsize=g, hessian=None, cross=None, samples=self.layer_samples(layer) or 0,
+                                     **{f: v.to(torch.float32) for f, v in vecs.items()})
+        return out
+
     def layer_samples(self, layer: str) -> int | None:
         """``T`` for ``layer``: its own ``<L>.samples`` if stored, else the file's ``samples``."""
         t = self._read(layer, "samples") if self.kind == "cq" else None
@@ -332,6 +372,9 @@ def _load_safetensors(path: Path) -> Calibration:
     entries: dict[str, dict[str, str]] = {}
     for key in shapes:
         split = _split(key, _CQ_SUFFIXES if is_cq else _REF_SUFFIXES)
+        w8 = _W8A8_KEY.match(key) if is_cq and split is None else None
+        if w8 is not None:
+            split = (w8["layer"], w8["suffix"])
         if split is None:
             if is_cq:
                 raise InputError(f"{path}: unexpected tensor {key!r} in a {FORMAT} file; expected "
@@ -411,6 +454,9 @@ def attach_calibration(state: LayerState, calibration: Calibration, *, layer: st
              "samples": calibration.layer_samples(layer)}
     stats = {k: v for k, v in stats.items() if v is not None}
     meta = {"calibration": stats} if stats else None
+    w8a8 = calibration.w8a8_stats(layer) if calibration.kind == "cq" else {}
+    if w8a8:  # ComfyUI activation-path statistics per basis (W8A8-aware rounding, bias correction)
+        meta = {**(meta or {}), "w8a8_stats": w8a8}
     if h is None:
         return record(state, "attach_calibration", None, meta=meta,
                       note=f"calibration: no Hessian for {layer} in {calibration.path.name}; H = I")

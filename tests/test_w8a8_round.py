@@ -185,3 +185,27 @@ def test_capture_gathers_w8a8_statistics_per_basis():
     assert capture(model, inputs)["0"].w8a8 == {}  # off by default: old files stay as they were
     with pytest.raises(ConfigError, match="w8a8 basis"):
         capture(model, inputs, w8a8=("sideways",))
+
+
+def test_calibration_file_round_trips_the_w8a8_diagonals(tmp_path):
+    from cq.calibration_file import attach_calibration, load_calibration, save_calibration
+
+    g = torch.Generator().manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8)).eval()
+    stats = capture(model, [torch.randn(40, 64, generator=g)], w8a8=("none", "auto"), name_map="blocks.")
+    old = capture(model, [torch.randn(40, 64, generator=g)], name_map="blocks.")
+    path = save_calibration(tmp_path / "c.safetensors", stats)
+    cal = load_calibration(path)
+    loaded = cal.w8a8_stats("blocks.0")
+    assert sorted(loaded) == [0, 64] and loaded[64].hessian is None and loaded[64].samples == 40
+    for gs in (0, 64):
+        for field in ("err_sq", "err_x", "err_mean"):
+            assert torch.equal(getattr(loaded[gs], field), getattr(stats["blocks.0"].w8a8[gs], field))
+    s = attach_calibration(LayerState.from_weight("blocks.0", model[0].weight.detach()), cal)
+    assert sorted(s.meta["w8a8_stats"]) == [0, 64]
+    with pytest.raises(ConfigError, match="mix=1"):
+        w8a8_objective(s.weight, s.hessian, loaded[0], mix=1.0)
+    # A file without the statistics (the format before them) loads as before: plain LDLQ then.
+    plain = load_calibration(save_calibration(tmp_path / "old.safetensors", old))
+    s_old = attach_calibration(LayerState.from_weight("blocks.0", model[0].weight.detach()), plain)
+    assert "w8a8_stats" not in s_old.meta and plain.w8a8_stats("blocks.0") == {}

@@ -154,6 +154,9 @@ def w8a8_objective(weight: torch.Tensor, hessian: torch.Tensor, stats: Activatio
     hq_model = h + d_bar * torch.eye(h.shape[0], dtype=f64)
     cx_model = h
     if mix > 0:
+        if stats.hessian is None or stats.cross is None:
+            raise ConfigError(f"W8A8 objective mix={mix} needs the full X̃ᵀX̃ and X̃ᵀX statistics, which calibration "
+                              "files do not store (only their diagonals); use mix=0 or pass capture()'s statistics")
         hq_full = stats.hessian.to(f64)
         hq = (1 - mix) * hq_model + mix * (hq_full + hq_full.t()) * 0.5
         cx = (1 - mix) * cx_model + mix * stats.cross.to(f64)
