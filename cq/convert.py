@@ -42,7 +42,7 @@ from .report import ConversionReport, LayerReport
 from .state import LayerState
 from .transforms.attach import HessianInput, attach_hessian
 
-__all__ = ["convert_file", "LayerPlan", "plan_model", "layer_pipeline", "HessianSource", "ProgressFn",
+__all__ = ["convert_file", "convert_layer", "LayerPlan", "plan_model", "layer_pipeline", "HessianSource", "ProgressFn",
            "model_transforms_for"]
 
 log = logging.getLogger("cq.convert")
@@ -217,8 +217,13 @@ def layer_pipeline(plan: LayerPlan, cfg: ConvertConfig, *, edits: ModelEdits = M
     return pipe
 
 
-def _run_layer(plan: LayerPlan, view: ModelView, cfg: ConvertConfig, edits: ModelEdits, hessians: HessianSource,
+def convert_layer(plan: LayerPlan, view: ModelView, cfg: ConvertConfig, edits: ModelEdits, hessians: HessianSource,
                device: torch.device) -> tuple[dict[str, torch.Tensor], LayerReport, dict | None]:
+    """Read, edit, run and lay out one quantized layer: ``(tensors to write, report row, .comfy_quant entry)``.
+
+    Pure with respect to the output file (it writes nothing), so a distributed run can call it on
+    any rank for any layer and get the same bytes.
+    """
     from .io import layer_tensors
     from .io.comfy import decode_comfy_quant
 
@@ -346,7 +351,7 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
                     kept += 1
                 else:
                     t0 = time.perf_counter()
-                    tensors, report, entry = _run_layer(p, view, cfg, edits, hessians, device)
+                    tensors, report, entry = convert_layer(p, view, cfg, edits, hessians, device)
                     for name, t in tensors.items():
                         writer.add(name, t)
                     if entry is not None:  # the header repeats exactly what the tensor says
