@@ -150,16 +150,38 @@ def recording_linear(store: dict) -> Linear:
     return lin
 
 
-def w8a8_linear(skip: tuple[str, ...] = ("_mod.lin", "modulation.lin", "adaLN_modulation")) -> Linear:
-    """ComfyUI's int8 forward: per-token int8 activations × per-row RTN int8 weights (modulations kept float)."""
-    def q_rows(m):
-        s = m.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
-        return torch.clamp(torch.round(m / s), -127, 127) * s
+def _q_rows(m):
+    s = m.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+    return torch.clamp(torch.round(m / s), -127, 127) * s
 
+
+def rotate(x: torch.Tensor, groupsize: int | None) -> torch.Tensor:
+    """ComfyUI's ConvRot: ``x`` times the block-diagonal regular Hadamard of ``groupsize`` (None: identity)."""
+    if groupsize is None:
+        return x
+    from cq.transforms.hadamard import regular_hadamard
+
+    r = regular_hadamard(groupsize, dtype=x.dtype)
+    return (x.reshape(*x.shape[:-1], -1, groupsize) @ r).reshape(x.shape)
+
+
+def w8a8_linear(skip: tuple[str, ...] = ("_mod.lin", "modulation.lin", "adaLN_modulation"), *,
+                weights: dict | None = None, groupsize: int | None = None, quantize_weights: bool = True) -> Linear:
+    """ComfyUI's int8 forward: per-token int8 activations (after ConvRot when ``groupsize``) × int8 weights.
+
+    ``weights``: ``{layer: dequantized weight in the rotated basis}`` from a recipe; otherwise the
+    float weight is rotated and rounded per row (``quantize_weights=False``: exact weights, the
+    activation-only floor). Modulation Linears stay float, as in a typical conversion.
+    """
     def lin(name, x, sd):
         if any(t in name for t in skip):
             return plain_linear(name, x, sd)
-        return F.linear(q_rows(x), q_rows(sd[f"{name}.weight"]), sd.get(f"{name}.bias"))
+        if weights is not None and name in weights:
+            w = weights[name]
+        else:
+            w = rotate(sd[f"{name}.weight"], groupsize)
+            w = _q_rows(w) if quantize_weights else w
+        return F.linear(_q_rows(rotate(x, groupsize)), w.to(x.dtype), sd.get(f"{name}.bias"))
     return lin
 
 
