@@ -15,7 +15,7 @@ from .convert import LayerPlan, convert_file, plan_model
 from .model import DictView, ModelEdits, ModelView
 from .converters import GPTQInt8Converter, LearnedRoundingConverter, QuIPInt8Converter
 from .converters.quip import QuIPResult
-from .quip_file import dequantize_transformed, dequantize_transformed_file
+from .io.quip_file import dequantize_transformed, dequantize_transformed_file
 from .transforms.quip import quip_pipeline
 from .errors import ConfigError, CqError, InputError, NonFiniteWeightError, UnsupportedBackendError
 from .io import (MemoryEfficientSafeOpen, SafetensorsWriter, UnifiedSafetensorsLoader, check_with_comfy_kitchen,

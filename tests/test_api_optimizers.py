@@ -110,7 +110,7 @@ def test_quip_default_is_convrot_native_and_beats_rtn_in_w8a8(calibrated, tmp_pa
 
 
 def test_quip_store_transformed_round_trips_through_quip_file(calibrated, tmp_path):
-    from cq.quip_file import dequantize_transformed_file
+    from cq.io.quip_file import dequantize_transformed_file
 
     src, calib, sd = calibrated
     out = tmp_path / "t.safetensors"

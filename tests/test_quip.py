@@ -1,4 +1,4 @@
-"""Tests for the QuIP pipeline (cq.transforms.quip), QuIPInt8Converter and cq.quip_file.
+"""Tests for the QuIP pipeline (cq.transforms.quip), QuIPInt8Converter and cq.io.quip_file.
 
 The proof tests use a synthetic outlier layer built like algorithms.md §8 (Student-t weights with
 outlier entries, correlated inputs with 0.5 % ×20 outlier channels); ``benchmarks/bench_quip.py``
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from cq.converters.quip import QuIPInt8Converter, QuIPResult
 from cq.errors import ConfigError, CqError, InputError
-from cq.quip_file import dequantize_transformed, dequantize_transformed_file, is_transformed_layer, transformed_layers
+from cq.io.quip_file import dequantize_transformed, dequantize_transformed_file, is_transformed_layer, transformed_layers
 from cq.state import LayerState, PerGroup, PerRow, PerTensor
 from cq.transforms import absmax_scale, reconstruct, rel_output_error, round_to_nearest, w8a8_output_error
 from cq.transforms.convrot import ConvRot, convrot

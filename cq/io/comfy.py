@@ -39,7 +39,7 @@ NATIVE_FORMATS = frozenset({"int8_tensorwise", "float8_e4m3fn", "float8_e5m2", "
 #: int8 format labels cq can write; only ``int8_tensorwise`` is native.
 INT8_FORMATS = frozenset({"int8_tensorwise", "int8_blockwise", "int8_axiswise", "int8_quip_transformed"})
 #: cq's label for QuIP layers stored in the two-sided transformed basis (``quip_store_transformed``):
-#: deliberately unknown to ComfyUI so that a loader without cq.quip_file fails loudly.
+#: deliberately unknown to ComfyUI so that a loader without cq.io.quip_file fails loudly.
 QUIP_TRANSFORMED = "int8_quip_transformed"
 #: The safetensors ``__metadata__`` key ComfyUI reads per-layer quant configs from.
 QUANT_METADATA_KEY = "_quantization_metadata"

@@ -125,7 +125,7 @@ def _check_layer(layer: str, entry: dict[str, Any], header: SafetensorsHeader, f
         return
     if fmt == "int8_quip_transformed":
         problems.append(f"{layer}: format {fmt!r} (QuIP, stored in the transformed basis) is not loadable by "
-                        "vanilla ComfyUI; map it back with cq.quip_file.dequantize_transformed_file")
+                        "vanilla ComfyUI; map it back with cq.io.quip_file.dequantize_transformed_file")
         return
     if fmt not in NATIVE_FORMATS:
         problems.append(f"{layer}: format {fmt!r} is not loadable by vanilla ComfyUI (KeyError at model "

@@ -14,7 +14,7 @@
   ``benchmarks/bench_quip.py`` and the README). Kept for compatibility only.
 * ``"transformed"`` (``store_transformed=True``): codes stay in the two-sided transformed basis and
   the layer carries the extra tensors of :func:`quip_extra_tensors`. Needs a custom loader
-  (:func:`cq.quip_file.dequantize_transformed`); its format label
+  (:func:`cq.io.quip_file.dequantize_transformed`); its format label
   :data:`QUIP_TRANSFORMED_FORMAT` is deliberately unknown to vanilla ComfyUI so that it fails loudly
   instead of multiplying un-rotated activations by rotated weights (which the reference's
   ``int8_tensorwise`` label silently does).

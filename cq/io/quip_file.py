@@ -20,9 +20,9 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .errors import InputError
-from .transforms.hadamard import KroneckerOrthogonal, paley_hadamard, sylvester_hadamard
-from .transforms.quip import KIND_CODES
+from ..errors import InputError
+from ..transforms.hadamard import KroneckerOrthogonal, paley_hadamard, sylvester_hadamard
+from ..transforms.quip import KIND_CODES
 
 __all__ = ["is_transformed_layer", "transformed_layers", "dequantize_transformed", "dequantize_transformed_file"]
 
@@ -164,15 +164,9 @@ def dequantize_transformed_file(path, *, layers: Iterable[str] | None = None,
     Reads one layer's tensors at a time. ``layers`` restricts the set; ``shapes`` gives original
     shapes for padded (reference) files.
     """
-    from safetensors import safe_open
+    from .loader import UnifiedSafetensorsLoader
 
-    try:
-        handle_cm = safe_open(str(path), framework="pt")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise InputError(f"{path}: cannot be read as safetensors ({exc})") from None
-    with handle_cm as handle:
+    with UnifiedSafetensorsLoader(path, low_memory=True) as handle:  # strict header checks, InputError on damage
         lazy = _LazyFile(handle)
         found = transformed_layers(lazy.keys())
         wanted = found if layers is None else list(layers)
