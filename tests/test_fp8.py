@@ -96,6 +96,14 @@ def test_static_input_scale_saturates_outliers():
     assert torch.equal(y, want)
 
 
+def test_unit_activation_scale_of_older_comfyui():
+    c = quantize_e4m3(torch.eye(2), 1.0)
+    x = torch.tensor([[1000.0, 0.3]])  # unscaled: 1000 saturates at 448, 0.3 rounds to 0.3125 (spacing 2^-5)
+    assert fp8_linear(x, c, torch.tensor(1.0), missing_input_scale="one").tolist() == [[448.0, 0.3125]]
+    with pytest.raises(ConfigError, match="missing_input_scale"):
+        fp8_linear(x, c, torch.tensor(1.0), missing_input_scale="dynamic")
+
+
 ck = pytest.importorskip("comfy_kitchen")
 
 

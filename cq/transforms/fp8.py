@@ -173,7 +173,7 @@ def fp8_round(state: LayerState, *, cfg: Fp8Config = Fp8Config()) -> LayerState:
 
 
 def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, *, input_scale: torch.Tensor | None = None,
-               compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+               compute_dtype: torch.dtype = torch.bfloat16, missing_input_scale: str = "amax") -> torch.Tensor:
     """ComfyUI's FP8 forward ``y = x · Wᵀ`` with fp8 activations, as comfy-kitchen computes it (float32 out).
 
     ``x`` [T, K] is cast to ``compute_dtype``; ``s_x`` is ``input_scale`` or ``amax(|x|)/448``
@@ -181,13 +181,23 @@ def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, *, inp
     with the reciprocal rounded to ``compute_dtype``; the product accumulates in float32 and is
     rescaled by ``s_x · s_w``. The output is rounded to ``compute_dtype`` like the runtime's.
 
+    ``missing_input_scale``: what a layer without ``input_scale`` gets: ``"amax"`` (comfy-kitchen
+    ≥ 0.2.24's ``TensorCoreFP8Layout.quantize(scale=None)``, the installed runtime) or ``"one"``
+    (ComfyUI's older in-tree layout, which cast activations to e4m3 unscaled). A static
+    ``input_scale`` behaves the same on both.
+
     Example:
         >>> w = torch.tensor([[1.0, -2.0]]); c = quantize_e4m3(w, 1.0)
         >>> fp8_linear(torch.tensor([[4.0, 1.0]]), c, torch.tensor(1.0)).tolist()  # s_x = 4/448: 1.0 -> code 112
         [[2.0]]
     """
     xc = x.detach().reshape(-1, x.shape[-1]).to(compute_dtype)
-    if input_scale is None:
+    if missing_input_scale not in ("amax", "one"):
+        raise ConfigError(f"missing_input_scale={missing_input_scale!r}; use 'amax' (comfy-kitchen) or 'one' "
+                          "(older ComfyUI)")
+    if input_scale is None and missing_input_scale == "one":
+        s_x = torch.tensor(1.0)
+    elif input_scale is None:
         s_x = (xc.abs().amax() / E4M3_MAX).to(torch.float32) if xc.numel() else torch.tensor(1.0)
     else:
         s_x = torch.as_tensor(input_scale).detach().to(torch.float32).reshape(())
