@@ -22,6 +22,7 @@ from .io import (MemoryEfficientSafeOpen, SafetensorsWriter, UnifiedSafetensorsL
                  validate_comfy_file, write_safetensors)
 from .layer_config import create_layer_config_template, get_layer_settings, load_layer_config
 from .logs import get_logger, setup_logging
+from .lora_merge import LoraMergeConfig, merge_loras
 from .lora import (load_lora_for_merging, load_lora_tensors, load_multiple_loras_for_merging, lora_key_map,
                    merge_lora_into_weight, merge_multiple_loras)
 from .pipeline import Pipeline, Stage, pipeline, stage, tap
@@ -46,7 +47,8 @@ __all__ = [
     "LayerConfig", "compute_mse", "compute_sqnr", "compute_max_error", "compute_quality_metrics",
     # cq's own API
     "ConvertConfig", "convert_file", "ConversionReport", "LayerReport", "SelectionConfig", "LayerOverride",
-    "Decision", "decide", "iter_decisions", "PRESETS", "Preset", "lora_key_map", "SafetensorsWriter",
+    "Decision", "decide", "iter_decisions", "PRESETS", "Preset", "lora_key_map", "merge_loras", "LoraMergeConfig",
+    "SafetensorsWriter",
     "write_safetensors", "validate_comfy_file", "check_with_comfy_kitchen", "rtn_pipeline", "recipe_pipeline", "register_recipe", "RTN", "GPTQ", "QuIP", "FP16",
     "LayerPlan", "plan_model", "ModelEdits", "ModelView", "DictView",
     "LayerState", "PerTensor", "PerRow", "PerBlock", "PerGroup", "record", "Stage", "Pipeline", "pipeline",
