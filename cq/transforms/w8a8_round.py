@@ -166,24 +166,26 @@ def w8a8_objective(weight: torch.Tensor, hessian: torch.Tensor, stats: Activatio
     if lam:
         hq = hq + lam * torch.eye(hq.shape[0], dtype=f64)
         cx = cx + lam * torch.eye(cx.shape[0], dtype=f64)
-    # Dead inputs (never activated) have zero rows/columns; solve on the live block only.
+    # The least-squares target closest to W: t = w + H̃⁻¹(C − H̃)w. Directions the calibration never
+    # exercised (dead inputs, or the null space when tokens < inputs) keep their weights instead of
+    # being zeroed. Solved on the live block (inputs with diag H̃ > 0).
     live = hq.diagonal() > 0
     w64 = weight.detach().to(f64)
     target = w64.clone()
     if bool(live.any()):
         idx = live.nonzero().flatten()
         hl = hq.index_select(0, idx).index_select(1, idx)
-        cl = cx.index_select(0, idx).index_select(1, idx)
+        rhs = (cx.index_select(0, idx).index_select(1, idx) - hl) @ w64[:, idx].t()
+        base = float(hl.diagonal().mean())
         chol, info = torch.linalg.cholesky_ex(hl)
+        for rel in (1e-10, 1e-8, 1e-6):  # rank-deficient H̃ (tokens < inputs): smallest jitter that factors
+            if not int(info):
+                break
+            chol, info = torch.linalg.cholesky_ex(hl + rel * base * torch.eye(hl.shape[0], dtype=f64))
         if int(info):
-            # A rank-deficient H̃ (K > tokens): a tiny relative jitter, far below the LDLQ damping
-            # (1 %) applied afterwards.
-            jitter = 1e-8 * float(hl.diagonal().mean())
-            chol, info = torch.linalg.cholesky_ex(hl + jitter * torch.eye(hl.shape[0], dtype=f64))
-        if int(info):
-            raise InputError("W8A8 objective: X̃ᵀX̃ is not positive definite even after jitter; use ridge > 0")
-        rhs = cl @ w64[:, idx].t()  # (X̃ᵀX) wᵀ over the live block
-        target[:, idx] = torch.cholesky_solve(rhs, chol).t()
+            raise InputError("W8A8 objective: X̃ᵀX̃ could not be factored (not positive semi-definite?); "
+                             "use ridge > 0 or prior > 0")
+        target[:, idx] += torch.cholesky_solve(rhs, chol).t()
     return target, hq
 
 
