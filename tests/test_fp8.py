@@ -186,3 +186,15 @@ def test_validator_flags_bad_input_scale(tmp_path):
         for k, t in tensors.items():
             wr.add(k, t)
     assert any("input_scale" in p for p in validate_comfy_file(tmp_path / "bad.safetensors"))
+
+
+def test_fp8_recipe_is_registered_and_writes_comfy_fp8():
+    from cq.fp8_recipe import FP8
+    from cq.recipes import recipe_info, recipe_pipeline
+
+    s = recipe_pipeline(FP8(input_scale=True))(
+        LayerState.from_weight("fc", torch.randn(8, 16), meta={"input_absmax": torch.full((16,), 3.0)}))
+    assert recipe_info(FP8()).quantized and s.format == "float8_e4m3fn"
+    assert set(layer_tensors(s)) == {"fc.weight", "fc.weight_scale", "fc.comfy_quant", "fc.input_scale"}
+    with pytest.raises(ConfigError):
+        FP8(input_scale="yes")

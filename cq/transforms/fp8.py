@@ -54,6 +54,11 @@ def _fp8_format(instance, attribute, value):
                           "float8_e5m2 is accepted as an input only")
 
 
+def _bool(instance, attribute, value):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{type(instance).__name__}.{attribute.name}={value!r} must be True or False")
+
+
 @attrs.frozen
 class Fp8Config:
     """How :func:`fp8_pipeline` builds a ``float8_e4m3fn`` layer.
@@ -64,7 +69,7 @@ class Fp8Config:
     """
 
     format: str = attrs.field(default=FP8_FORMAT, validator=_fp8_format)
-    input_scale: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    input_scale: bool = attrs.field(default=False, validator=_bool)
 
 
 def e4m3_spacing(a: torch.Tensor) -> torch.Tensor:
