@@ -325,6 +325,9 @@ class Calibration:
 def _load_reference_json(path: Path) -> Calibration:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # "[[[[…" deeper than the interpreter's limit (found by fuzzing, issue 8.9)
+        raise InputError(f"{path}: nests too deeply to be a JSON calibration file; expected "
+                         '{"layer": {"channel_max": [...], "input_scale": x}} or {"layer": x}') from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not a valid JSON calibration file ({exc}); expected "
                          '{"layer": {"channel_max": [...], "input_scale": x}} or {"layer": x}') from None

@@ -117,11 +117,16 @@ def _read_json(path: str | os.PathLike) -> dict:
         raise ConfigError(f"layer config {source!r} is not UTF-8 text ({e.reason}); save it as UTF-8 JSON") from None
     except OSError as e:
         raise ConfigError(f"cannot read layer config {source!r}: {e.strerror or e}") from None
+    except ValueError as e:  # a path no OS accepts, e.g. with a NUL byte
+        raise ConfigError(f"layer config path {source!r} is not a valid file name ({e})") from None
     try:
         return json.loads(text, object_pairs_hook=_reject_duplicates(repr(source)))
     except json.JSONDecodeError as e:
         raise ConfigError(f"layer config {source!r} is not valid JSON: {e.msg} at line {e.lineno}, "
                           f"column {e.colno}") from None
+    except RecursionError:  # "[[[[…" deeper than the interpreter's limit (found by fuzzing, issue 8.9)
+        raise ConfigError(f"layer config {source!r} nests too deeply to be a layer config; it maps patterns "
+                          "to settings, two levels deep") from None
 
 
 def _check_bool(where: str, key: str, value: Any) -> None:

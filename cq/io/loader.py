@@ -261,6 +261,11 @@ def read_tensor(f, info: TensorInfo, path: str = "<file>") -> torch.Tensor:
     if got != info.nbytes:
         raise _fail(path, f"tensor {info.name!r}: read {got} of {info.nbytes} bytes; the file was "
                           "truncated while open")
+    if info.dtype_name == "BOOL" and info.nbytes and int(out.max()) > 1:
+        # torch assumes bool bytes are 0 or 1; any other value makes later ops undefined (a copy
+        # may even change it), so such a file is corrupt rather than "true".
+        raise _fail(path, f"tensor {info.name!r}: BOOL data holds byte value {int(out.max())}; only 0 and 1 "
+                          "are booleans, the file is corrupt")
     return out.view(info.dtype).reshape(info.shape)
 
 
