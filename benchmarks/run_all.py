@@ -13,6 +13,8 @@ RUNS = [
     ["bench_quip.py"],
     ["bench_gptq.py", "--size", "2048", "--tokens", "4096"],
     ["bench_kernels.py"],
+    ["bench_learned_round.py", "--n", "256", "--k", "512", "--iters", "100"],
+    ["bench_smoothquant.py", "--hidden", "128", "--calib", "4", "--heldout", "2"],
 ]
 
 
