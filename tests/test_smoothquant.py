@@ -198,3 +198,10 @@ def test_config_errors():
         SmoothQuantConfig(kinds=("layernorm",))
     with pytest.raises(ConfigError, match="Calibration"):
         SmoothQuantConfig(calibration=3)
+
+
+def test_shared_modulation_is_skipped_and_listed():
+    sd = {"double_stream_modulation_img.lin.weight": torch.zeros(6 * 8, 8),
+          "double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8)}
+    folds, skipped = find_folds(DictView(sd))
+    assert folds == [] and "shared across blocks" in skipped[0]["reason"]

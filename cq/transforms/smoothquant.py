@@ -163,6 +163,11 @@ def _flux_folds(view: ModelView, keys: list[str], skipped: list[dict]) -> list[F
                 folds.append(Fold(f"{blk} V -> linear2[:hidden]", "v_to_o", (l2,), h,
                                   tuple(_rows(view, l1, 2 * h, 3 * h)), col_start=0))
             continue
+        if re.search(r"(double_stream_modulation_(img|txt)|single_stream_modulation)\.lin(ear)?\.weight$", key):
+            skipped.append({"layers": [key[: -len(".weight")]],
+                            "reason": "modulation shared across blocks (Flux-2 style): one common factor would have "
+                                      "to serve every block's inputs; not folded"})
+            continue
         m = re.match(r"^(.*?)final_layer\.adaLN_modulation\.1\.weight$", key)
         if m:
             mod, lin = f"{m.group(1)}final_layer.adaLN_modulation.1", f"{m.group(1)}final_layer.linear"
