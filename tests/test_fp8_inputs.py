@@ -9,7 +9,8 @@ from cq.errors import InputError
 from cq.io import UnifiedSafetensorsLoader, encode_comfy_quant, layer_tensors, quantization_metadata
 from cq.io.comfy import QUANT_METADATA_KEY
 from cq.io.comfy_fp8 import fp8_layer_tensors
-from cq.io.fp8_inputs import RequantizeWarning, decode_stored, find_stored_layers, plan_stored_inputs
+from cq.io.fp8_inputs import (RequantizeWarning, decode_stored, find_stored_layers, passthrough_tensors,
+                              plan_stored_inputs, stored_input_edits)
 from cq.model import DictView, LoaderView
 from cq.state import LayerState, PerBlock, PerGroup, PerRow
 from cq.transforms import ScaleConfig, absmax_scale, reconstruct, round_to_nearest
@@ -125,3 +126,43 @@ def test_undecodable_and_broken_inputs_raise():
     v = DictView({"a.weight": torch.zeros(4, 8).to(torch.float8_e4m3fn), "a.scale_weight": torch.ones(3)})
     with pytest.raises(InputError, match="does not fit"):
         decode_stored(v, find_stored_layers(v)["a.weight"])
+
+
+def test_model_edits_decode_what_the_runner_reads_and_report_it():
+    from cq.model import run_model_transforms
+
+    w = _w(seed=8)
+    codes, scale, value = _fp8_codes(w)
+    s8 = round_to_nearest(absmax_scale(convrot(LayerState.from_weight("r", _w(8, 64, seed=9))), cfg=ScaleConfig(PerRow())))
+    v = DictView({"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn), "a.weight": codes,
+                  "a.scale_weight": scale, "b.weight": w, **layer_tensors(s8)})
+    edits = run_model_transforms(v, [stored_input_edits])
+    # the runner reads tensor.float() (the codes) and applies the edit stages: the decoded value comes out
+    assert torch.equal(edits.apply("a.weight", v.tensor("a.weight").float()), value)
+    assert "b.weight" not in edits and "r.weight" not in edits  # float weights untouched, int8 kept
+    rep = edits.report["stored_inputs"]
+    assert rep["from_fp8"] == ["a"] and rep["kept_int8"] == ["r"] and "scaled_fp8" in rep["drop"]
+    assert rep["decoded"] == {"a": "decoded from float8_e4m3fn (scaled_fp8)"} and edits.warnings == ()
+    st = edits.apply_state(LayerState.from_weight("a.weight", v.tensor("a.weight").float()), "a.weight")
+    assert st.notes == ("decoded from float8_e4m3fn (scaled_fp8)",) and torch.equal(st.original, value)
+    re = stored_input_edits(v, requantize_int8=True)
+    assert len(re.warnings) == 1 and "second one" in re.warnings[0]
+    assert re.report["stored_inputs"]["decoded"]["r"] == "decoded from int8_tensorwise (comfy_quant, convrot 64 undone)"
+    assert torch.allclose(re.apply("r.weight", v.tensor("r.weight").float()), reconstruct(s8), atol=1e-7)
+
+
+def test_passthrough_keeps_fp8_codes_in_native_layout(tmp_path):
+    from cq.io import validate_comfy_file, write_safetensors
+
+    codes, scale, value = _fp8_codes(_w(seed=10))
+    v = DictView({"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn), "a.weight": codes,
+                  "a.scale_weight": scale.reshape(1), "a.scale_input": torch.tensor([0.02])})
+    out = passthrough_tensors(v, find_stored_layers(v)["a.weight"])
+    assert torch.equal(out["a.weight"].view(torch.uint8), codes.view(torch.uint8))
+    assert out["a.input_scale"].shape == () and out["a.weight_scale"].dtype == torch.float32
+    write_safetensors(tmp_path / "p.safetensors", out)
+    assert validate_comfy_file(tmp_path / "p.safetensors") == []
+    s8 = round_to_nearest(absmax_scale(LayerState.from_weight("q", _w(seed=11))))
+    v8 = DictView(layer_tensors(s8))
+    with pytest.raises(InputError, match="keys_to_copy"):
+        passthrough_tensors(v8, find_stored_layers(v8)["q.weight"])

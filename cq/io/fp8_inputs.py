@@ -35,7 +35,8 @@ from ..errors import InputError
 from .comfy import QUANT_METADATA_KEY, decode_comfy_quant
 
 __all__ = ["StoredLayer", "DecodedWeight", "InputPlan", "RequantizeWarning", "find_stored_layers",
-           "decode_stored", "plan_stored_inputs", "FP8_DTYPES", "SCALED_FP8_MARKER"]
+           "decode_stored", "plan_stored_inputs", "DecodeConfig", "decode_stage", "stored_input_edits",
+           "passthrough_tensors", "FP8_DTYPES", "SCALED_FP8_MARKER"]
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: The root key whose presence marks a legacy scaled-fp8 file (ComfyUI's ``convert_old_quants``).
@@ -191,6 +192,46 @@ def _broadcast_scale(scale: torch.Tensor, shape: tuple[int, ...], name: str) -> 
                      "[N], [N, 1], [N/b, K/b] tiles or [N, K/g, 1] groups)")
 
 
+def _scale_of(view, layer: StoredLayer) -> torch.Tensor | None:
+    """The layer's stored scale (checked finite), or ``None`` for an unscaled fp8 weight."""
+    if layer.scale_key is None:
+        if layer.kind == "int8" or layer.layout == "comfy_quant":
+            raise InputError(f"{layer.stem}: {layer.format} layer without {layer.stem}.weight_scale (ComfyUI raises "
+                             "'Missing weight scale'); the file is incomplete")
+        return None
+    scale = view.tensor(layer.scale_key)
+    if not bool(torch.isfinite(scale.to(torch.float32)).all()):
+        raise InputError(f"{layer.scale_key}: scale holds non-finite values; the file is corrupt")
+    return scale
+
+
+def _convrot_groupsize(layer: StoredLayer) -> int | None:
+    conf = layer.conf
+    nested = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+    if not conf.get("convrot", nested.get("convrot", False)):
+        return None
+    return int(conf.get("convrot_groupsize", nested.get("convrot_groupsize", 256)))
+
+
+def _note(layer: StoredLayer) -> str:
+    """The report line of a decoded layer: ``decoded from <format> (<layout>[, convrot G undone])``."""
+    g = _convrot_groupsize(layer)
+    return f"decoded from {layer.format} ({layer.layout}" + (f", convrot {g} undone)" if g else ")")
+
+
+def _value(layer: StoredLayer, q: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+    """``q · scale`` (broadcast by the scale's layout) in the original basis, and the note saying so."""
+    w = q.to(torch.float32)
+    if scale is not None:
+        w = w * _broadcast_scale(scale, tuple(q.shape), layer.scale_key)
+    g = _convrot_groupsize(layer)
+    if g is not None:
+        from ..transforms.convrot import ConvRot
+
+        w = ConvRot.for_features(w.shape[-1], g, layer=layer.stem).to_original(w).to(torch.float32)
+    return w, _note(layer)
+
+
 def decode_stored(view, layer: StoredLayer) -> DecodedWeight:
     """The float32 value of ``layer`` in the original basis, and the keys it consumed.
 
@@ -208,26 +249,96 @@ def decode_stored(view, layer: StoredLayer) -> DecodedWeight:
         raise InputError(f"{name}: format {layer.format!r} but the weight is {q.dtype}; the file is inconsistent")
     if layer.kind == "fp8" and q.dtype not in FP8_DTYPES:
         raise InputError(f"{name}: format {layer.format!r} but the weight is {q.dtype}; the file is inconsistent")
-    if layer.scale_key is None:
-        if layer.kind == "int8" or layer.layout == "comfy_quant":
-            raise InputError(f"{name}: {layer.format} layer without {name}.weight_scale (ComfyUI raises 'Missing "
-                             "weight scale'); the file is incomplete")
-        w = q.to(torch.float32)
-    else:
-        scale = view.tensor(layer.scale_key)
-        if not bool(torch.isfinite(scale.to(torch.float32)).all()):
-            raise InputError(f"{layer.scale_key}: scale holds non-finite values; the file is corrupt")
-        w = q.to(torch.float32) * _broadcast_scale(scale, tuple(q.shape), layer.scale_key)
-    note = f"decoded from {layer.format} ({layer.layout}"
-    conf = layer.conf
-    nested = conf.get("params") if isinstance(conf.get("params"), dict) else {}
-    if conf.get("convrot", nested.get("convrot", False)):
-        from ..transforms.convrot import ConvRot
+    w, note = _value(layer, q, _scale_of(view, layer))
+    return DecodedWeight(weight=w, consumed=(layer.weight_key,) + layer.companions, source=layer, note=note)
 
-        g = int(conf.get("convrot_groupsize", nested.get("convrot_groupsize", 256)))
-        w = ConvRot.for_features(w.shape[-1], g, layer=name).to_original(w).to(torch.float32)
-        note += f", convrot {g} undone"
-    return DecodedWeight(weight=w, consumed=(layer.weight_key,) + layer.companions, source=layer, note=note + ")")
+
+@attrs.frozen(eq=False)
+class DecodeConfig:
+    """What :func:`decode_stage` needs: the stored layer and its scale (read once, when planning)."""
+
+    layer: StoredLayer
+    scale: torch.Tensor | None = attrs.field(default=None, repr=lambda t: "None" if t is None else f"Tensor{tuple(t.shape)}")
+
+
+def decode_stage(state, *, cfg: DecodeConfig):
+    """A model-edit stage: the state's weight holds the stored codes as floats (the runner's
+    ``tensor.float()``); replace weight and original by the decoded value, with a note."""
+    from ..state import record
+
+    w, note = _value(cfg.layer, state.weight, cfg.scale)
+    return record(state, "decode_stored", cfg, note=note, weight=w, original=w)
+
+
+def stored_input_edits(view, *, requantize_int8: bool = False):
+    """The input decoding as a model transform (``ModelView -> ModelEdits``, see :mod:`cq.model`).
+
+    Every decoded layer gets a ``decode_stored`` stage (its weight becomes ``codes · scale`` in the
+    original basis before its recipe runs, whether it is then quantized or kept). ``report["stored_inputs"]``
+    holds ``from_fp8`` (stems), ``decoded`` ({stem: note}), ``kept_int8`` (stems whose tensors are
+    copied unchanged: :meth:`InputPlan.keys_to_copy`) and ``drop`` (keys never to write); the
+    re-quantization warning goes to ``warnings``. Use with ``functools.partial`` for ``requantize_int8``.
+
+    Example:
+        >>> from cq.model import DictView
+        >>> v = DictView({"a.weight": torch.tensor([[2.0, -4.0]]).to(torch.float8_e4m3fn),
+        ...               "a.scale_weight": torch.tensor(0.25)})
+        >>> edits = stored_input_edits(v)
+        >>> edits.apply("a.weight", v.tensor("a.weight").float()).tolist(), edits.report["stored_inputs"]["drop"]
+        ([[0.5, -1.0]], ['a.scale_weight'])
+    """
+    from ..model import ModelEdits
+    from ..pipeline import stage
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RequantizeWarning)
+        plan = plan_stored_inputs(view, requantize_int8=requantize_int8)
+    warned = tuple(str(w.message) for w in caught if issubclass(w.category, RequantizeWarning))
+    stages, decoded = {}, {}
+    for wkey, layer in plan.decode.items():
+        cfg = DecodeConfig(layer, _scale_of(view, layer))
+        stages[wkey] = (stage(decode_stage, cfg, name="decode_stored"),)
+        decoded[layer.stem] = _note(layer)
+    report = {"stored_inputs": {"from_fp8": list(plan.from_fp8), "decoded": decoded,
+                                "kept_int8": [l.stem for l in plan.keep.values()], "drop": sorted(plan.drop),
+                                "notes": [n for n in plan.notes if n not in warned]}}
+    return ModelEdits(stages=stages, warnings=warned, report=report)
+
+
+def passthrough_tensors(view, layer: StoredLayer) -> dict[str, torch.Tensor]:
+    """A stored fp8 layer that stays as it is (kept by a preset or a layer config), in ComfyUI's native
+    layout with no new rounding: the same codes, ``weight_scale`` (float32 0-dim), ``.comfy_quant``,
+    and ``input_scale`` when the input had one other than 1.0 (the legacy ``scale_input`` is renamed;
+    ComfyUI drops a 1.0 one the same way when it translates a scaled-fp8 file).
+
+    Example:
+        >>> from cq.model import DictView
+        >>> v = DictView({"a.weight": torch.ones(2, 2).to(torch.float8_e4m3fn), "a.scale_weight": torch.tensor([0.5]),
+        ...               "a.scale_input": torch.tensor(1.0)})
+        >>> {k: (str(t.dtype), list(t.shape)) for k, t in passthrough_tensors(v, find_stored_layers(v)["a.weight"]).items()}
+        {'a.weight': ('torch.float8_e4m3fn', [2, 2]), 'a.weight_scale': ('torch.float32', []), 'a.comfy_quant': ('torch.uint8', [27])}
+    """
+    from .comfy import encode_comfy_quant
+
+    if layer.kind != "fp8" or layer.format not in ("float8_e4m3fn", "float8_e5m2"):
+        raise InputError(f"{layer.stem}: only per-tensor fp8 layers pass through unchanged (got {layer.format}); "
+                         "int8 layers are copied with InputPlan.keys_to_copy")
+    q = view.tensor(layer.weight_key)
+    scale = _scale_of(view, layer)
+    if scale is None:
+        scale = torch.ones(())
+    if scale.numel() != 1:
+        raise InputError(f"{layer.scale_key}: a {list(scale.shape)} scale is not ComfyUI's per-tensor fp8 layout; "
+                         "convert this layer instead of keeping it")
+    out = {layer.weight_key: q, f"{layer.stem}.weight_scale": scale.to(torch.float32).reshape(()),
+           f"{layer.stem}.comfy_quant": encode_comfy_quant({**dict(layer.conf), "format": layer.format})}
+    for key in (f"{layer.stem}.input_scale", f"{layer.stem}.scale_input"):
+        if key in layer.companions:
+            s_in = view.tensor(key).to(torch.float32)
+            if s_in.numel() == 1 and float(s_in) != 1.0:
+                out[f"{layer.stem}.input_scale"] = s_in.reshape(())
+            break
+    return out
 
 
 def plan_stored_inputs(view, *, requantize_int8: bool = False) -> InputPlan:
