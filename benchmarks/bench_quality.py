@@ -50,6 +50,7 @@ from cq.transforms.bias_correction import BiasCorrectionConfig, bias_correction 
 from cq.transforms.convrot import ConvRot, convrot  # noqa: E402
 from cq.transforms.gptq import GPTQConfig, gptq_update  # noqa: E402
 from cq.transforms.hessian import DampingConfig  # noqa: E402
+from cq.transforms.hessian_shrink import HessianShrinkConfig, shrink_hessian  # noqa: E402
 from cq.transforms.ldlq import LDLQConfig, ldlq  # noqa: E402
 from cq.transforms.scale_search import ScaleSearchConfig, scale_search  # noqa: E402
 from cq.transforms.w8a8_round import W8A8RoundConfig, w8a8_round  # noqa: E402
@@ -92,8 +93,7 @@ RECIPES = {
 }
 def _shrunk(s, beta):
     """Shrink the calibration Hessian towards its diagonal (original basis): (1 − β)·H + β·diag(H)."""
-    h = s.hessian
-    return attrs.evolve(s, hessian=(1 - beta) * h + beta * torch.diag(h.diagonal()))
+    return shrink_hessian(s, cfg=HessianShrinkConfig(beta))
 
 
 def _kt_damp(s, c):
@@ -101,7 +101,13 @@ def _kt_damp(s, c):
     return attrs.evolve(LDLQ_ACT, damping=DampingConfig(percdamp=c * s.shape[1] / t))
 
 
-for _b in (0.1, 0.3, 0.5, 0.7):
+DENSE_GRID = tuple(round(1 - 0.0025 * i, 4) for i in range(20)) + (0.93, 0.9, 0.85, 0.8)
+RECIPES["convrot_rtn+search20"] = lambda s: scale_search(absmax_scale(_rot(LayerState.from_weight(
+    s.name, s.weight, bias=s.bias, meta=s.meta)), cfg=ROW), cfg=ScaleSearchConfig(grid=DENSE_GRID))
+RECIPES["gptq@s0.3"] = lambda s: gptq_update(absmax_scale(_shrunk(s, 0.3), cfg=ROW), cfg=GPTQConfig())
+RECIPES["quip@s0.3+w8a8"] = lambda s: w8a8_round(absmax_scale(_rot(_shrunk(s, 0.3)), cfg=ROW),
+                                                 cfg=W8A8RoundConfig(rounder=LDLQ_ACT))
+for _b in (0.1, 0.2, 0.3, 0.5, 0.7):
     RECIPES[f"quip@s{_b}"] = (lambda b: lambda s: ldlq(absmax_scale(_rot(_shrunk(s, b)), cfg=ROW), cfg=LDLQ_ACT))(_b)
     RECIPES[f"quip@s{_b}+bias"] = (lambda b: lambda s: bias_correction(RECIPES[f"quip@s{b}"](s)))(_b)
     RECIPES[f"quip@s{_b}+msesearch"] = (lambda b: lambda s: ldlq(scale_search(absmax_scale(_rot(_shrunk(s, b)), cfg=ROW),
@@ -118,6 +124,13 @@ RECIPES["quip@d0.1+msesearch+bias"] = lambda s: bias_correction(ldlq(scale_searc
 for _d in (0.03, 0.1, 0.3, 1.0):
     RECIPES[f"quip@d{_d}"] = (lambda d: lambda s: ldlq(absmax_scale(_rot(s), cfg=ROW), cfg=attrs.evolve(
         LDLQ_ACT, damping=DampingConfig(percdamp=d))))(_d)
+
+
+#: The rows of the published table: today's recipes, each new piece alone on top of ConvRot + LDLQ
+#: (``quip``), and the recommended defaults (``quip@s0.3`` with data, ``convrot_rtn+search`` without).
+DEFAULT_RECIPES = ("rtn", "gptq", "gptq@s0.3", "convrot_rtn", "convrot_rtn+search", "convrot_rtn+search20", "quip",
+                   "quip+w8a8", "quip+search", "quip+bias", "quip@d0.1", "quip@s0.2", "quip@s0.3",
+                   "quip@s0.3+bias", "quip@s0.3+w8a8")
 
 
 class FloorLinear(torch.nn.Module):
@@ -267,7 +280,8 @@ def _db(rel):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("minilm", "dit"), default=None)
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES))
+    ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                    help="comma-separated (default: the table's rows), from: " + ", ".join(RECIPES))
     ap.add_argument("--tokens", type=int, default=2048, help="DiT-like calibration (= held-out) tokens per layer")
     args = ap.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
