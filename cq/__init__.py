@@ -5,6 +5,7 @@ tool, the layer-state pipeline API (:class:`LayerState`, :func:`pipeline`, :func
 transforms in :mod:`cq.transforms`), I/O (:mod:`cq.io`) and the reference's utilities.
 """
 
+from . import _startup  # noqa: F401 - first: `cq` started from a shell says Ctrl-C in one line, even while torch imports
 from .api import convert_to_int8
 from .calibrate import HessianStats, capture, hessian_finalize, hessian_init, hessian_update
 from .calibration_file import Calibration, attach_calibration, load_calibration, save_calibration, synthetic_hessian

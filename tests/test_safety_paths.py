@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -174,3 +177,17 @@ def test_ctrl_c_during_start_up_prints_one_line(model, capsys, monkeypatch):
     monkeypatch.setattr(cq.logs, "setup_logging", interrupted)
     rc, _, err = _cli(capsys, "-i", model)
     assert rc == 130 and err == "cq: interrupted; no output was written\n"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_while_torch_imports_prints_one_line(model):
+    # Before main() runs, `import cq` spends ~2 s importing torch; cq._startup makes a Ctrl-C there
+    # one line too. SIGINT is reset to the default in the child (a test runner may ignore it).
+    proc = subprocess.Popen([sys.executable, "-m", "cq", "-i", str(model)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.5)  # the interpreter is up (its SIGINT handler installed) and importing torch
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert err == "cq: interrupted; no output was written\n" and out == ""
+    assert proc.returncode in (-signal.SIGINT, 130)
