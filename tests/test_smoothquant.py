@@ -205,3 +205,18 @@ def test_shared_modulation_is_skipped_and_listed():
           "double_blocks.0.img_attn.qkv.weight": torch.zeros(24, 8)}
     folds, skipped = find_folds(DictView(sd))
     assert folds == [] and "shared across blocks" in skipped[0]["reason"]
+
+
+def test_consumer_hessian_attached_before_the_edit_follows_the_smoothed_inputs(flux):
+    # The consumer's inputs are x/s, so H = 2/T·XᵀX becomes diag(1/s)·H·diag(1/s): the proxy loss
+    # tr(W H Wᵀ) of any weight error is the same before and after (float64: to rounding).
+    sd, stats = flux
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats))
+    key = "single_blocks.0.linear1.weight"
+    from cq.state import LayerState
+    st = LayerState.from_weight(key, sd[key], hessian=stats["single_blocks.0.linear1"].hessian.double())
+    out = edits.apply_state(st, key)
+    before = float(torch.trace(st.weight @ st.hessian @ st.weight.T))
+    after = float(torch.trace(out.weight @ out.hessian @ out.weight.T))
+    assert after == pytest.approx(before, rel=1e-12)
+    assert not torch.equal(out.hessian, st.hessian)

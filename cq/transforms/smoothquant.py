@@ -433,12 +433,23 @@ def _divide_rows(state: LayerState, *, cfg) -> LayerState:
 
 
 def _scale_columns(state: LayerState, *, cfg) -> LayerState:
-    """The consumer side of a fold: input columns ``[start, start + len(s))`` × ``s``."""
+    """The consumer side of a fold: input columns ``[start, start + len(s))`` × ``s``.
+
+    The layer's inputs are divided by ``s``, so a Hessian already attached to the state becomes
+    ``diag(1/s) H diag(1/s)`` (``tr(W H Wᵀ)`` is unchanged): attach calibration before applying the
+    edit stages (:meth:`~cq.model.ModelEdits.apply_state`), or GPTQ/LDLQ would optimise the wrong loss.
+    """
     start, s = cfg
+    stop = start + s.shape[0]
     w = state.weight.clone()
-    cols = w[:, start:start + s.shape[0]]
-    w[:, start:start + s.shape[0]] = (cols.to(torch.float64) * s.view(1, -1)).to(w.dtype)
-    return record(state, "smooth_scale_columns", None, weight=w, original=w)
+    w[:, start:stop] = (w[:, start:stop].to(torch.float64) * s.view(1, -1)).to(w.dtype)
+    changes = {}
+    if state.hessian is not None:
+        inv = torch.ones(state.hessian.shape[0], dtype=torch.float64)
+        inv[start:stop] = 1 / s
+        changes["hessian"] = (state.hessian.to(torch.float64) * inv.view(-1, 1) * inv.view(1, -1)).to(
+            state.hessian.dtype)
+    return record(state, "smooth_scale_columns", None, weight=w, original=w, **changes)
 
 
 def _fold_edits(fold: Fold, s: torch.Tensor) -> ModelEdits:
