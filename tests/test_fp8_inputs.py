@@ -142,6 +142,7 @@ def test_model_edits_decode_what_the_runner_reads_and_report_it():
     assert "b.weight" not in edits and "r.weight" not in edits  # float weights untouched, int8 kept
     rep = edits.report["stored_inputs"]
     assert rep["from_fp8"] == ["a"] and rep["kept_int8"] == ["r"] and "scaled_fp8" in rep["drop"]
+    assert set(rep["copy"]) == {"r.weight", "r.weight_scale", "r.comfy_quant"}
     assert rep["decoded"] == {"a": "decoded from float8_e4m3fn (scaled_fp8)"} and edits.warnings == ()
     st = edits.apply_state(LayerState.from_weight("a.weight", v.tensor("a.weight").float()), "a.weight")
     assert st.notes == ("decoded from float8_e4m3fn (scaled_fp8)",) and torch.equal(st.original, value)

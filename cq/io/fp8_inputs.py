@@ -276,7 +276,8 @@ def stored_input_edits(view, *, requantize_int8: bool = False):
     Every decoded layer gets a ``decode_stored`` stage (its weight becomes ``codes · scale`` in the
     original basis before its recipe runs, whether it is then quantized or kept). ``report["stored_inputs"]``
     holds ``from_fp8`` (stems), ``decoded`` ({stem: note}), ``kept_int8`` (stems whose tensors are
-    copied unchanged: :meth:`InputPlan.keys_to_copy`) and ``drop`` (keys never to write); the
+    copied unchanged), ``copy`` (those tensors' keys: weight, scale, ``.comfy_quant``) and ``drop``
+    (keys never to write: consumed scales, ``.comfy_quant``, the ``scaled_fp8`` marker); the
     re-quantization warning goes to ``warnings``. Use with ``functools.partial`` for ``requantize_int8``.
 
     Example:
@@ -300,7 +301,8 @@ def stored_input_edits(view, *, requantize_int8: bool = False):
         stages[wkey] = (stage(decode_stage, cfg, name="decode_stored"),)
         decoded[layer.stem] = _note(layer)
     report = {"stored_inputs": {"from_fp8": list(plan.from_fp8), "decoded": decoded,
-                                "kept_int8": [l.stem for l in plan.keep.values()], "drop": sorted(plan.drop),
+                                "kept_int8": [l.stem for l in plan.keep.values()], "copy": list(plan.keys_to_copy()),
+                                "drop": sorted(plan.drop),
                                 "notes": [n for n in plan.notes if n not in warned]}}
     return ModelEdits(stages=stages, warnings=warned, report=report)
 
