@@ -111,3 +111,13 @@ def test_missing_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"cq\[report\]"):
         render_html_report(_report())
+
+
+def test_large_model_charts_use_an_index_axis():
+    layers = tuple(LayerReport(name=f"blocks.{i}.fc", action="quantize", format="int8_tensorwise", recipe="RTN",
+                               metrics={"sqnr_db": 40.0 - (i % 7), "w8a8": 0.01 + (i % 5) / 1000}) for i in range(130))
+    page = _Page()
+    page.feed(render_html_report(ConversionReport(input_file="a", output_file="b", layers=layers)))
+    assert len(page.imgs) == 2 and len(page.tables["layers"]) == 131
+    svg = base64.b64decode(page.imgs[0]["src"].split(",", 1)[1]).decode()
+    assert "layer index in model order (130 layers)" in svg and "blocks.129.fc" not in svg
