@@ -68,9 +68,10 @@ def test_float32_fold_error_is_float_rounding(flux):
     assert rel(forward(sd2, img, txt, vec), forward(sd32, img, txt, vec)) < 2e-5
 
 
-def test_search_lowers_the_whole_model_w8a8_error_on_held_out_inputs(flux):
+@pytest.mark.parametrize("groupsize", [None, "auto"])
+def test_search_lowers_the_whole_model_w8a8_error_on_held_out_inputs(flux, groupsize):
     sd, stats = flux
-    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats))
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats, convrot_groupsize=groupsize))
     for f in edits.report["smoothquant"]["folded"]:
         assert f["w8a8_rel_after"] < f["w8a8_rel_before"]
     sd2 = apply_all(edits, sd)
@@ -80,7 +81,8 @@ def test_search_lowers_the_whole_model_w8a8_error_on_held_out_inputs(flux):
         for seed in (20, 21):
             img, txt, vec = random_inputs(H, seed=seed)
             y = forward(sd, img, txt, vec)
-            num += float(((forward(model, img, txt, vec, linear=w8a8_linear()) - y) ** 2).sum())
+            lin = w8a8_linear(groupsize=None if groupsize is None else 16)  # "auto" for the folds' K = 32, 160
+            num += float(((forward(model, img, txt, vec, linear=lin) - y) ** 2).sum())
             den += float((y ** 2).sum())
         return (num / den) ** 0.5
     assert err(sd2) < 0.95 * err(sd)
@@ -194,6 +196,7 @@ def test_config_errors():
         SmoothQuantConfig(alphas=(1.5,))
     with pytest.raises(ConfigError, match="power of 4"):
         SmoothQuantConfig(convrot_groupsize=32)
+    assert SmoothQuantConfig(convrot_groupsize="auto").convrot_groupsize == "auto"
     with pytest.raises(ConfigError, match="kinds"):
         SmoothQuantConfig(kinds=("layernorm",))
     with pytest.raises(ConfigError, match="Calibration"):

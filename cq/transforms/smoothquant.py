@@ -270,9 +270,12 @@ def _alphas(instance, attribute, value):
 
 
 def _groupsize(instance, attribute, value):
+    if value == "auto":
+        return
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 4
                               or (value & (value - 1)) or int(math.log2(value)) % 2):
-        raise ConfigError(f"convrot_groupsize={value!r} must be None (no rotation) or a power of 4 (16, 64, 256)")
+        raise ConfigError(f"convrot_groupsize={value!r} must be None (no rotation), 'auto' (the QuIP recipe's "
+                          "choice per layer) or a power of 4 (16, 64, 256)")
 
 
 def _min_gain(instance, attribute, value):
@@ -317,7 +320,8 @@ class SmoothQuantConfig:
     per-channel ``input_absmax`` and the Hessian of every consumer are needed (layers without them
     are skipped and listed). ``alphas``: the candidates searched per mapping; ``alpha`` fixes one
     (the reference's ``smoothquant_alpha``; the gain check still applies). ``kinds``: which fold
-    kinds to use. ``convrot_groupsize``: the ConvRot group the recipe stores (``None``: no rotation)
+    kinds to use. ``convrot_groupsize``: the ConvRot group the recipe stores (``None``: no rotation;
+    ``"auto"``: the largest of 256, 64, 16 dividing each consumer's K, as ``--optimizer quip`` does)
     so the search sees the activations ComfyUI will quantize. ``tokens``: inputs drawn per consumer
     for the search. ``min_gain``: the least relative error drop for a mapping to be folded.
 
@@ -331,7 +335,7 @@ class SmoothQuantConfig:
                                             validator=_alphas)
     alpha: float | None = None
     kinds: tuple[str, ...] = attrs.field(default=("modulation", "v_to_o", "gated_mlp", "norm"), converter=tuple)
-    convrot_groupsize: int | None = attrs.field(default=None, validator=_groupsize)
+    convrot_groupsize: int | str | None = attrs.field(default=None, validator=_groupsize)
     tokens: int = attrs.field(default=256, validator=_pos_int)
     min_gain: float = attrs.field(default=0.0, validator=_min_gain)
     seed: int = 0
@@ -463,6 +467,14 @@ def _fold_edits(fold: Fold, s: torch.Tensor) -> ModelEdits:
     return ModelEdits(stages=stages)
 
 
+def _group_for(groupsize, k: int) -> int | None:
+    if groupsize != "auto":
+        return groupsize if groupsize is None or k % groupsize == 0 else None
+    from .convrot import AUTO_GROUPSIZES
+
+    return next((g for g in AUTO_GROUPSIZES if k % g == 0), None)
+
+
 def _search(view: ModelView, fold: Fold, cfg: SmoothQuantConfig) -> tuple[dict | None, str | None]:
     """Best α for ``fold`` (and its errors), or why it is skipped."""
     cal = cfg.calibration
@@ -490,7 +502,7 @@ def _search(view: ModelView, fold: Fold, cfg: SmoothQuantConfig) -> tuple[dict |
             if s_part is not None:
                 s_full = torch.ones(w.shape[1], dtype=torch.float64)
                 s_full[fold.col_start:fold.col_start + fold.width] = s_part
-            e, g = smoothing_error(x, w, s_full, convrot_groupsize=cfg.convrot_groupsize)
+            e, g = smoothing_error(x, w, s_full, convrot_groupsize=_group_for(cfg.convrot_groupsize, w.shape[1]))
             err, sig = err + e, sig + g
         return math.sqrt(err / sig) if sig > 0 else 0.0
 
