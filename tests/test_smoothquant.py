@@ -223,3 +223,12 @@ def test_consumer_hessian_attached_before_the_edit_follows_the_smoothed_inputs(f
     after = float(torch.trace(out.weight @ out.hessian @ out.weight.T))
     assert after == pytest.approx(before, rel=1e-12)
     assert not torch.equal(out.hessian, st.hessian)
+
+
+def test_modulation_without_bias_is_not_folded_but_v_to_o_still_is(flux):
+    sd, _ = flux
+    sd = {k: v for k, v in sd.items() if k != "single_blocks.0.modulation.lin.bias"}
+    folds, skipped = find_folds(DictView(sd))
+    assert not any(f.consumers == ("single_blocks.0.linear1",) for f in folds)
+    assert any(f.consumers == ("single_blocks.0.linear2",) for f in folds)
+    assert any("no bias" in s["reason"] for s in skipped)

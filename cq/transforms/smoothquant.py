@@ -121,9 +121,16 @@ def _out_features(view: ModelView, stem: str) -> int | None:
     return shape[0] if len(shape) == 2 else None
 
 
+_NO_BIAS = ("the modulation Linear has no bias, so (1 + scale)/s cannot absorb the 1/s − 1 offset; "
+            "the fold would not be exact")
+
+
 def _flux_folds(view: ModelView, keys: list[str], skipped: list[dict]) -> list[Fold]:
     folds = []
     for key in keys:
+        if re.search(r"(_mod\.lin|modulation\.lin|adaLN_modulation\.1)\.weight$", key) and not _has(
+                view, key[: -len("weight")] + "bias") and "stream_modulation" not in key:
+            skipped.append({"layers": [key[: -len(".weight")]], "reason": _NO_BIAS})
         m = re.match(r"^(.*?)double_blocks\.(\d+)\.img_mod\.lin\.weight$", key)
         if m:
             blk = f"{m.group(1)}double_blocks.{m.group(2)}"
@@ -134,6 +141,8 @@ def _flux_folds(view: ModelView, keys: list[str], skipped: list[dict]) -> list[F
                 if _out_features(view, mod) != 6 * h:
                     ok = False
                     skipped.append({"layers": [mod], "reason": "not a Flux-1 double-block modulation (6·hidden rows)"})
+                    continue
+                if not _has(view, f"{mod}.bias"):
                     continue
                 for cons, shift, scale in ((f"{blk}.{st}_attn.qkv", 0, 1), (f"{blk}.{st}_mlp.0", 3, 4)):
                     if _in_features(view, cons) != h:
@@ -156,8 +165,9 @@ def _flux_folds(view: ModelView, keys: list[str], skipped: list[dict]) -> list[F
             if _out_features(view, mod) != 3 * h or _in_features(view, l1) != h:
                 skipped.append({"layers": [mod, l1], "reason": "not a Flux-1 single block (3·hidden modulation rows)"})
                 continue
-            folds.append(Fold(f"{mod} -> {l1}", "modulation", (l1,), h, tuple(_mod_edits(view, mod, h, 0, 1)),
-                              normalize=True))
+            if _has(view, f"{mod}.bias"):
+                folds.append(Fold(f"{mod} -> {l1}", "modulation", (l1,), h, tuple(_mod_edits(view, mod, h, 0, 1)),
+                                  normalize=True))
             n1, k2 = _out_features(view, l1), _in_features(view, l2)
             if n1 is not None and k2 is not None and n1 >= 3 * h and k2 == h + (n1 - 3 * h):
                 folds.append(Fold(f"{blk} V -> linear2[:hidden]", "v_to_o", (l2,), h,
@@ -172,7 +182,7 @@ def _flux_folds(view: ModelView, keys: list[str], skipped: list[dict]) -> list[F
         if m:
             mod, lin = f"{m.group(1)}final_layer.adaLN_modulation.1", f"{m.group(1)}final_layer.linear"
             h = view.shape(key)[1]
-            if _out_features(view, mod) == 2 * h and _in_features(view, lin) == h:
+            if _out_features(view, mod) == 2 * h and _in_features(view, lin) == h and _has(view, f"{mod}.bias"):
                 folds.append(Fold(f"{mod} -> {lin}", "modulation", (lin,), h, tuple(_mod_edits(view, mod, h, 0, 1)),
                                   normalize=True))
     return folds
