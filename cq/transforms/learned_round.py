@@ -19,6 +19,11 @@ Objectives (``cfg.objective``):
   shrink the error inside a rank-``k`` subspace only pushes it into the complement. It exists so that
   the reference's ``LearnedRoundingConverter`` runs; cq's recipes use it only when asked.
 
+Measured (README, ``benchmarks/bench_learned_round.py``, 512×1024, held-out tokens): at INT8 it finds
+nothing to improve on LDLQ's codes (it keeps them; 6–11 s per layer for 200 iterations), and from
+round-to-nearest it recovers ~1 % of the error where LDLQ recovers ~41 %. It is never worse than its
+start and is not offered as better; :func:`~cq.transforms.quip_refine.greedy_cd` is the cheaper refinement.
+
 Optimisers (the reference's names): ``"adamw"`` / ``"radam"`` are :mod:`torch.optim`'s on ``V``;
 ``"original"`` is sign-gradient descent (AutoRound's SignSGD: ``V ← V − lr·sign(∇)``), the
 optimiser that did best at INT8 in cq's measurements (algorithms.md §8.4). LR schedules:
