@@ -142,6 +142,10 @@ def _main(argv: list[str] | None) -> int:
 
     setup_logging(args.verbose)
     from .convert import convert_file
+    from .distributed import world_size
+
+    if world_size() > 1:  # launched by torchrun: layer-parallel over the ranks, rank 0 writes (cq.distributed)
+        from .distributed import convert_file_distributed as convert_file
     from .options import build_config, values_from_cli
     from .errors import CqError
     from .io import NonNativeFormatWarning
@@ -199,6 +203,8 @@ def _main(argv: list[str] | None) -> int:
         msg = " ".join(str(exc).split())
         print(f"cq: error: {msg}", file=sys.stderr)
         return 2 if isinstance(exc, (TypeError,)) else 1
+    if report is None:  # a distributed run's other ranks: rank 0 prints the table and writes the file
+        return 0
     table = report.table().splitlines()
     minimal = args.verbose == "MINIMAL"
     if not minimal:
