@@ -232,3 +232,12 @@ def test_modulation_without_bias_is_not_folded_but_v_to_o_still_is(flux):
     assert not any(f.consumers == ("single_blocks.0.linear1",) for f in folds)
     assert any(f.consumers == ("single_blocks.0.linear2",) for f in folds)
     assert any("no bias" in s["reason"] for s in skipped)
+
+
+def test_wide_consumers_use_the_diagonal_and_still_fold_exactly(flux):
+    sd, stats = flux
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats, max_covariance_k=16))
+    assert edits.report["smoothquant"]["folded"]
+    sd2 = apply_all(edits, sd)
+    img, txt, vec = random_inputs(H, seed=13)
+    assert rel(forward(sd2, img, txt, vec), forward(sd, img, txt, vec)) < 1e-12

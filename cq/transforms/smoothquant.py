@@ -333,7 +333,9 @@ class SmoothQuantConfig:
     kinds to use. ``convrot_groupsize``: the ConvRot group the recipe stores (``None``: no rotation;
     ``"auto"``: the largest of 256, 64, 16 dividing each consumer's K, as ``--optimizer quip`` does)
     so the search sees the activations ComfyUI will quantize. ``tokens``: inputs drawn per consumer
-    for the search. ``min_gain``: the least relative error drop for a mapping to be folded.
+    for the search (Gaussian with the Hessian's covariance; above ``max_covariance_k`` inputs, with its
+    diagonal only, to avoid a K³ factorization). ``min_gain``: the least relative error drop for a
+    mapping to be folded.
 
     Example:
         >>> SmoothQuantConfig(alpha=0.5).candidates
@@ -347,6 +349,7 @@ class SmoothQuantConfig:
     kinds: tuple[str, ...] = attrs.field(default=("modulation", "v_to_o", "gated_mlp", "norm"), converter=tuple)
     convrot_groupsize: int | str | None = attrs.field(default=None, validator=_groupsize)
     tokens: int = attrs.field(default=256, validator=_pos_int)
+    max_covariance_k: int = attrs.field(default=4096, validator=_pos_int)
     min_gain: float = attrs.field(default=0.0, validator=_min_gain)
     seed: int = 0
 
@@ -406,18 +409,21 @@ def smoothing_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, *,
         >>> 0 < err < 1e-3 * sig
         True
     """
-    x64, w64 = x.to(torch.float64), w.to(torch.float64)
+    dt = torch.float64 if w.numel() <= 2 ** 22 else torch.float32  # big layers: float32 resolves these errors
+    x64, w64 = x.to(dt), w.to(dt)
     y = x64 @ w64.t()
-    xs, ws = (x64, w64) if s is None else (x64 / s, w64 * s)
+    xs, ws = (x64, w64) if s is None else (x64 / s.to(dt), w64 * s.to(dt))
     xq = _quant_rows(_rotate(xs, convrot_groupsize))
     wq = _quant_rows(_rotate(ws, convrot_groupsize))
     return float(((xq @ wq.t() - y) ** 2).sum()), float((y ** 2).sum())
 
 
-def _inputs(h: torch.Tensor, tokens: int, seed: int, name: str) -> torch.Tensor | None:
+def _inputs(h: torch.Tensor, tokens: int, seed: int, name: str, max_k: int) -> torch.Tensor | None:
     k = h.shape[0]
     g = torch.Generator().manual_seed((seed * 1_000_003 + sum(map(ord, name))) % 2 ** 63)
     cov = h.to(torch.float64) / 2
+    if k > max_k:  # a K³ factorization would dominate the search: per-channel variances only
+        return torch.randn(tokens, k, generator=g, dtype=torch.float64) * cov.diagonal().clamp(min=0).sqrt()
     base = float(cov.diagonal().mean().clamp(min=1e-30))
     for jitter in (1e-9, 1e-6, 1e-3):  # a Hessian from fewer tokens than inputs is only semi-definite
         chol, info = torch.linalg.cholesky_ex(cov + torch.eye(k, dtype=torch.float64) * (jitter * base))
@@ -477,6 +483,10 @@ def _fold_edits(fold: Fold, s: torch.Tensor) -> ModelEdits:
     return ModelEdits(stages=stages)
 
 
+def view_numel(view: ModelView, stem: str) -> int:
+    return math.prod(view.shape(f"{stem}.weight"))
+
+
 def _group_for(groupsize, k: int) -> int | None:
     if groupsize != "auto":
         return groupsize if groupsize is None or k % groupsize == 0 else None
@@ -498,11 +508,11 @@ def _search(view: ModelView, fold: Fold, cfg: SmoothQuantConfig) -> tuple[dict |
             return None, f"no calibration statistics (input_absmax and Hessian) for {c}"
         amax = amax.to(torch.float64)[fold.col_start:fold.col_start + fold.width]
         a = amax if a is None else torch.maximum(a, amax)
-        x = _inputs(h, cfg.tokens, cfg.seed, c)
+        x = _inputs(h, cfg.tokens, cfg.seed, c, cfg.max_covariance_k)
         if x is None:
             return None, f"the Hessian of {c} is not positive semi-definite"
         xs.append(x)
-        ws.append(view.tensor(f"{c}.weight").to(torch.float64))
+        ws.append(view.tensor(f"{c}.weight").to(torch.float64 if view_numel(view, c) <= 2 ** 22 else torch.float32))
     wmax = torch.stack([w[:, fold.col_start:fold.col_start + fold.width].abs().amax(0) for w in ws]).amax(0)
 
     def total(s_part):
