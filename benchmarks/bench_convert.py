@@ -1,31 +1,48 @@
-"""Whole-file conversion throughput: cq's streaming converter vs a naive eager script, same run.
+"""Whole-file conversion throughput and peak memory: cq vs a naive eager script (and peers), same run.
 
-The baseline is what a user writes by hand: ``safetensors.torch.load_file`` → per-row absmax RTN in
-float32 for every 2-D ``.weight`` → ``save_file``. cq additionally computes per-layer metrics,
-validates the file it wrote (CRC read-back) and writes atomically.
+Every converter runs in its own fresh subprocess (so each reports its own peak RSS), ``--repeat``
+times; the table gives the minimum time and the spread (max − min). The input file is written once
+and read from the page cache by every run (it is smaller than RAM), so reads cost a memory copy.
 
-Usage: python benchmarks/bench_convert.py [--layers 8] [--dim 4096]
+Rows:
+
+* naive eager script: ``safetensors.torch.load_file`` → per-row absmax RTN in float32 for every
+  2-D ``.weight`` → ``save_file`` (what a user writes by hand; holds the whole model in memory);
+* ``cq convert_file``: the runner as the CLI calls it (default per-row RTN, metrics on);
+* ``cq streamed``: cq's speed pieces composed the way the runner is meant to call them:
+  :func:`cq.io.prefetch.prefetch_file` reads ahead, :func:`cq.transforms.fused.fused_rtn` quantizes
+  straight from bf16 and forms the report's weight metrics in the same sweep, a
+  :class:`cq.io.prefetch.BackgroundWriter` writes behind (sampled read-back check, one fsync);
+* peers (the ``convert_to_quant`` tool) when installed.
+
+Quick mode (``make bench``) converts 8 × 4096² (256 MiB); the issue's target size is
+``--layers 128`` (2147 M parameters, 4 GiB bf16).
+
+Usage: python benchmarks/bench_convert.py [--layers 8] [--dim 4096] [--repeat 3] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
+import subprocess
 import sys
 import tempfile
 import time
 
-import torch
-from safetensors.torch import load_file, save_file
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from cq.api import config_from_legacy_kwargs  # noqa: E402
-from cq.convert import convert_file  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 
 
-def naive(src: str, dst: str) -> None:
+# ---------------------------------------------------------------------------------------------
+# The converters (each runs inside a child process: `bench_convert.py --child NAME SRC DST`).
+
+
+def naive(src: str, dst: str) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file
+
     sd = load_file(src)
     out = {}
     for k, t in sd.items():
@@ -37,42 +54,177 @@ def naive(src: str, dst: str) -> None:
         else:
             out[k] = t
     save_file(out, dst)
+    return {}
+
+
+def cq_convert_file(src: str, dst: str) -> dict:
+    from cq.api import convert_to_int8
+
+    rep = convert_to_int8(src, dst, comfy_quant=True, filter_flags={}, calib_samples=1, seed=0, low_memory=True)
+    sq = [r.metrics.get("sqnr_db") for r in rep.quantized]
+    return {"layers": len(sq), "min_sqnr_db": min(sq) if sq else None}
+
+
+def cq_streamed(src: str, dst: str, profile: dict | None = None) -> dict:
+    """cq's pieces in the order the runner is meant to call them (see the module docstring)."""
+    import torch
+
+    from cq.io import SafetensorsWriter, read_header
+    from cq.io.comfy import layer_tensors
+    from cq.io.prefetch import BackgroundWriter, prefetch_file
+    from cq.state import LayerState
+    from cq.transforms.fused import fused_rtn
+
+    header = read_header(src)
+    sqnr = []
+    t_quant = 0.0
+    with SafetensorsWriter(dst, metadata=dict(header.metadata), forbid=[src]) as w, BackgroundWriter(w) as bw:
+        for key, t in prefetch_file(src, zero_copy=True):
+            if key.endswith(".weight") and t.ndim == 2 and t.is_floating_point() and t.numel():
+                t0 = time.perf_counter()
+                out = fused_rtn(LayerState.from_weight(key[:-len(".weight")], t))
+                t_quant += time.perf_counter() - t0
+                sqnr.append(out.metrics["sqnr_db"])
+                for name, x in layer_tensors(out).items():
+                    bw.add(name, x)
+            else:
+                bw.add(key, t)
+    if profile is not None:
+        profile["quantize_s"] = t_quant
+    return {"layers": len(sqnr), "min_sqnr_db": min(sqnr) if sqnr else None}
+
+
+def peer(src: str, dst: str) -> dict:
+    from convert_to_quant import convert_to_int8  # noqa: F401  (the peer tool, when installed)
+
+    convert_to_int8(src, dst, comfy_quant=True, filter_flags={}, calib_samples=1, seed=0)
+    return {}
+
+
+CONVERTERS = {
+    "naive": ("naive eager script (load_file → RTN → save_file)", naive),
+    "cq": ("cq convert_file (CLI default, --low-memory, metrics on)", cq_convert_file),
+    "cq-streamed": ("cq streamed: prefetch → fused_rtn → background write", cq_streamed),
+    "peer": ("convert_to_quant (peer tool)", peer),
+}
+
+
+def _child(name: str, src: str, dst: str) -> None:
+    import resource
+
+    t0 = time.perf_counter()
+    extra = CONVERTERS[name][1](src, dst)
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"seconds": seconds, "rss_mib": rss, **extra}))
+
+
+def _run(name: str, src: str, dst: str, threads: int | None) -> dict | None:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, src, dst],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    if r.returncode != 0:
+        if name == "peer":
+            return None
+        raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _profile(src: str, dst: str) -> None:
+    """Split of the streamed path's time: read alone, quantize alone, write alone, then overlapped."""
+    import torch
+
+    from cq.io import SafetensorsWriter
+    from cq.io.prefetch import prefetch_file
+    from cq.state import LayerState
+    from cq.transforms.fused import fused_rtn
+
+    t0 = time.perf_counter()
+    tensors = [(k, t) for k, t in prefetch_file(src) if t.ndim == 2]
+    t_read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    outs = [fused_rtn(LayerState.from_weight(k, t)) for k, t in tensors]
+    t_quant = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with SafetensorsWriter(dst) as w:
+        for o in outs:
+            w.add(o.name + ".weight", o.codes)
+            w.add(o.name + ".weight_scale", o.scale)
+        t_add = time.perf_counter() - t0
+    t_write = time.perf_counter() - t0
+    del tensors, outs
+    prof: dict = {}
+    t0 = time.perf_counter()
+    cq_streamed(src, dst, prof)
+    t_all = time.perf_counter() - t0
+    print(f"\nprofile of cq streamed ({torch.get_num_threads()} threads), each step alone: read {t_read:.2f} s, "
+          f"fused_rtn {t_quant:.2f} s, write {t_add:.2f} s + commit (fsync, sampled check) {t_write - t_add:.2f} s; "
+          f"sum {t_read + t_quant + t_write:.2f} s; overlapped run {t_all:.2f} s "
+          f"(of which in fused_rtn {prof['quantize_s']:.2f} s)")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--dim", type=int, default=4096)
-    ap.add_argument("--metrics-tokens", type=int, default=64, help="cq's per-layer W8A8 metric tokens (0: off)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per converter (min and spread are reported)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every converter")
+    ap.add_argument("--only", default="naive,cq,cq-streamed,peer", help="comma-separated converters to run")
+    ap.add_argument("--profile", action="store_true", help="also print the streamed path's time split")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        _child(*args.child)
+        return 0
+    import torch
+    from safetensors.torch import save_file
+
     g = torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
+    params = args.layers * args.dim * args.dim
+    with tempfile.TemporaryDirectory(dir=os.environ.get("CQ_BENCH_DIR")) as tmp:
         src = os.path.join(tmp, "model.safetensors")
-        tensors = {f"blocks.{i}.fc.weight": (torch.randn(args.dim, args.dim, generator=g) * 0.02).to(torch.bfloat16)
-                   for i in range(args.layers)}
+        tensors = {}
+        for i in range(args.layers):
+            tensors[f"blocks.{i}.fc.weight"] = (torch.randn(args.dim, args.dim, generator=g) * 0.02).to(torch.bfloat16)
+            tensors[f"blocks.{i}.fc.bias"] = torch.zeros(args.dim, dtype=torch.bfloat16)
         save_file(tensors, src)
-        params = args.layers * args.dim * args.dim
         del tensors
+        size = os.path.getsize(src)
         rows = []
-        t0 = time.perf_counter()
-        naive(src, os.path.join(tmp, "naive.safetensors"))
-        rows.append(("naive eager script (load_file → RTN → save_file)", time.perf_counter() - t0))
-        for low_memory, label in ((False, "cq, preload"), (True, "cq, --low-memory streaming")):
-            _, _, cfg = config_from_legacy_kwargs(
-                input_file=src, output_file=os.path.join(tmp, "cq.safetensors"), comfy_quant=True, filter_flags={},
-                calib_samples=1, seed=0, low_memory=low_memory, streaming_mode="balanced" if low_memory else "off",
-                metrics_tokens=args.metrics_tokens)
-            t0 = time.perf_counter()
-            convert_file(src, os.path.join(tmp, "cq.safetensors"), cfg)
-            rows.append((label, time.perf_counter() - t0))
-    base = rows[0][1]
-    print(f"{args.layers} × [{args.dim}, {args.dim}] bf16 Linear weights = {params / 1e6:.0f} M parameters, "
-          f"{torch.get_num_threads()} threads; peak RSS of this process "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB\n")
-    print("| converter | time | Mparam/s | vs naive |")
-    print("|---|---|---|---|")
-    for label, t in rows:
-        print(f"| {label} | {t:.2f} s | {params / t / 1e6:.0f} | {base / t:.2f}× |")
+        for name in args.only.split(","):
+            label = CONVERTERS[name][0]
+            runs = []
+            for _ in range(args.repeat):
+                r = _run(name, src, os.path.join(tmp, f"{name}.safetensors"), args.threads)
+                if r is None:
+                    break
+                runs.append(r)
+                os.unlink(os.path.join(tmp, f"{name}.safetensors"))
+            if not runs:
+                print(f"({name}: not installed, skipped)")
+                continue
+            rows.append((name, label, runs))
+        if args.profile:
+            _profile(src, os.path.join(tmp, "profile.safetensors"))
+    threads = args.threads or torch.get_num_threads()
+    print(f"\n{args.layers} × [{args.dim}, {args.dim}] bf16 Linear weights + biases = {params / 1e6:.0f} M parameters "
+          f"({size / 2**30:.2f} GiB), {threads} threads, {os.cpu_count()} CPUs; {args.repeat} runs each, min and "
+          f"spread (max − min); the machine is shared, so spreads are wide\n")
+    best = {n: min(r["seconds"] for r in runs) for n, _, runs in rows}
+    base = best.get("naive")
+    peer_best = best.get("peer")
+    print("| converter | time (min) | spread | Mparam/s | peak RSS | vs naive | vs peer | quality |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, label, runs in rows:
+        t = best[name]
+        spread = max(r["seconds"] for r in runs) - t
+        rss = max(r["rss_mib"] for r in runs)
+        q = runs[0].get("min_sqnr_db")
+        print(f"| {label} | {t:.2f} s | {spread:.2f} s | {params / t / 1e6:.0f} | {rss / 1024:.2f} GiB | "
+              f"{base / t:.2f}× | {peer_best / t if peer_best else float('nan'):.2f}× | "
+              f"{'min SQNR %.1f dB' % q if q is not None else '-'} |")
     return 0
 
 

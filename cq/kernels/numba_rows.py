@@ -21,6 +21,7 @@ import numba
 import numpy as np
 import torch
 
+from ._memory import empty_huge
 from .rows import BLOCK_ROWS, QMAX, SCALE_FLOOR, RowQuant
 
 __all__ = ["quantize_rows_numba"]
@@ -48,15 +49,23 @@ def _row_sums(x, err):
     # Reassociation lets the sums vectorize; it only moves the report's last bits.
     sw = 0.0
     se = 0.0
-    me = np.float32(0.0)
     for j in range(x.shape[0]):
         v = np.float64(x[j])
         e = np.float64(err[j])
         sw += v * v
         se += e * e
-        a = abs(err[j])
-        me = a if a > me else me
-    return sw, se, me
+    return sw, se
+
+
+@numba.njit(nogil=True, cache=True)
+def _max_abs_bits(bits):
+    # max |e| as an integer max over the sign-cleared bits: exact, and it vectorizes (a float
+    # max reduction does not without fast-math's no-NaN promise); 8x faster measured.
+    m = np.uint32(0)
+    for j in range(bits.shape[0]):
+        b = bits[j] & np.uint32(0x7FFFFFFF)
+        m = b if b > m else m
+    return m
 
 
 @numba.njit(nogil=True, cache=True)
@@ -65,6 +74,9 @@ def _rows_bf16(bits, lo, hi, codes, scale, sums):
     buf = np.empty(k, dtype=np.uint32)
     x = buf.view(np.float32)
     err = np.empty(k, dtype=np.float32)
+    err_bits = err.view(np.uint32)
+    one = np.empty(1, dtype=np.uint32)
+    one_f = one.view(np.float32)
     for r in range(lo, hi):
         row = bits[r]
         amax = 0
@@ -72,25 +84,24 @@ def _rows_bf16(bits, lo, hi, codes, scale, sums):
             b = row[j] & 0x7FFF
             amax = b if b > amax else amax
             buf[j] = np.uint32(row[j]) << 16
-        # the absmax as float32: its bf16 bits shifted into place
-        buf0 = buf[0]
-        buf[0] = np.uint32(amax) << 16
-        s = x[0] / _F32_MAX
-        buf[0] = buf0
+        one[0] = np.uint32(amax) << 16  # the absmax as float32: its bf16 bits shifted into place
+        s = one_f[0] / _F32_MAX
         if s < _FLOOR:
             s = _FLOOR
         scale[r] = s
         _round_row(x, s, codes[r], err)
-        sw, se, me = _row_sums(x, err)
+        sw, se = _row_sums(x, err)
+        one[0] = _max_abs_bits(err_bits)
         sums[0, r] = sw
         sums[1, r] = se
-        sums[2, r] = me
+        sums[2, r] = one_f[0]
 
 
 @numba.njit(nogil=True, cache=True)
 def _rows_f32(bits, lo, hi, codes, scale, sums):
     k = bits.shape[1]
     err = np.empty(k, dtype=np.float32)
+    err_bits = err.view(np.uint32)
     one = np.empty(1, dtype=np.uint32)
     one_f = one.view(np.float32)
     for r in range(lo, hi):
@@ -106,10 +117,11 @@ def _rows_f32(bits, lo, hi, codes, scale, sums):
         scale[r] = s
         x = row.view(np.float32)
         _round_row(x, s, codes[r], err)
-        sw, se, me = _row_sums(x, err)
+        sw, se = _row_sums(x, err)
+        one[0] = _max_abs_bits(err_bits)
         sums[0, r] = sw
         sums[1, r] = se
-        sums[2, r] = me
+        sums[2, r] = one_f[0]
 
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
@@ -145,7 +157,7 @@ def quantize_rows_numba(w: torch.Tensor) -> RowQuant:
         [[64, -127, 0]]
     """
     n, k = w.shape
-    codes = torch.empty((n, k), dtype=torch.int8)
+    codes = empty_huge((n, k), torch.int8)  # first-touch page faults cost more than the kernel
     scale = torch.empty((n, 1), dtype=torch.float32)
     sums = torch.empty((3, n), dtype=torch.float64)
     if n and k:

@@ -20,14 +20,21 @@ def _tensors(n=6):
             for i in range(n)}
 
 
-def test_prefetch_file_yields_every_tensor_in_order(tmp_path):
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["read", "mmap"])
+def test_prefetch_file_yields_every_tensor_in_order(tmp_path, zero_copy):
     data = _tensors()
+    data["empty"] = torch.zeros(0, 4)
+    data["big"] = torch.randn(1100, 1024)  # > 4 MiB: the huge-page buffer path
     path = tmp_path / "m.safetensors"
     write_safetensors(path, data)
-    got = list(prefetch_file(path, depth=2))
+    for k, t in prefetch_file(path, depth=2, zero_copy=zero_copy):  # checked while current
+        assert torch.equal(t, data[k]) and t.dtype == data[k].dtype and t.shape == data[k].shape, k
+    got = list(prefetch_file(path, depth=2, zero_copy=zero_copy))  # still right after the pages were dropped
     assert [k for k, _ in got] == list(data)
-    assert all(torch.equal(t, data[k]) and t.dtype == data[k].dtype for k, t in got)
-    assert [k for k, _ in prefetch_file(path, ["t3", "t0"])] == ["t3", "t0"]
+    assert all(torch.equal(t, data[k]) for k, t in got)
+    assert [k for k, _ in prefetch_file(path, ["t3", "t0"], zero_copy=zero_copy)] == ["t3", "t0"]
+    with pytest.raises(KeyError, match="nope"):
+        list(prefetch_file(path, ["t0", "nope"], zero_copy=zero_copy))
 
 
 def test_read_ahead_is_bounded():
