@@ -140,6 +140,7 @@ def test_quip_converter_unpacks_as_the_reference_api_document_shows():
     assert r.hadamard_quip and r.s_u.shape == (16,) and r.as_reference_tuple()[3:6] == (None, r.s_u, r.s_v)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: 2-5 s
 def test_cq_synthetic_is_reachable_after_a_plain_import():
     code = "import cq; w, x, h = cq.synthetic.outlier_layer(8, 16, 32, seed=0); print(tuple(w.shape))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
