@@ -334,7 +334,8 @@ class SmoothQuantConfig:
     ``"auto"``: the largest of 256, 64, 16 dividing each consumer's K, as ``--optimizer quip`` does)
     so the search sees the activations ComfyUI will quantize. ``tokens``: inputs drawn per consumer
     for the search (Gaussian with the Hessian's covariance; above ``max_covariance_k`` inputs, with its
-    diagonal only, to avoid a K³ factorization). ``min_gain``: the least relative error drop for a
+    diagonal only, to avoid a K³ factorization); the error is estimated on a seeded subset of at most
+    ``max_rows`` output rows per consumer. ``min_gain``: the least relative error drop for a
     mapping to be folded.
 
     Example:
@@ -350,6 +351,7 @@ class SmoothQuantConfig:
     convrot_groupsize: int | str | None = attrs.field(default=None, validator=_groupsize)
     tokens: int = attrs.field(default=256, validator=_pos_int)
     max_covariance_k: int = attrs.field(default=4096, validator=_pos_int)
+    max_rows: int = attrs.field(default=1024, validator=_pos_int)
     min_gain: float = attrs.field(default=0.0, validator=_min_gain)
     seed: int = 0
 
@@ -397,11 +399,12 @@ def _quant_rows(m: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(m / s), -127, 127) * s
 
 
-def smoothing_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, *, convrot_groupsize: int | None = None
-                    ) -> tuple[float, float]:
+def smoothing_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, *, convrot_groupsize: int | None = None,
+                    y: torch.Tensor | None = None) -> tuple[float, float]:
     """``(‖Y − Ŷ‖², ‖Y‖²)`` of ComfyUI's W8A8 forward of ``w`` on ``x`` after smoothing by ``s``.
 
-    ``Ŷ = Q_tok(R(x/s)) · Q_row(R(W·diag(s)))ᵀ`` (``R`` the ConvRot rotation when given), ``Y = x·Wᵀ``.
+    ``Ŷ = Q_tok(R(x/s)) · Q_row(R(W·diag(s)))ᵀ`` (``R`` the ConvRot rotation when given), ``Y = x·Wᵀ``
+    (pass ``y`` to reuse it across factors).
 
     Example:
         >>> x, w = torch.randn(8, 16), torch.randn(4, 16)
@@ -411,7 +414,7 @@ def smoothing_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, *,
     """
     dt = torch.float64 if w.numel() <= 2 ** 22 else torch.float32  # big layers: float32 resolves these errors
     x64, w64 = x.to(dt), w.to(dt)
-    y = x64 @ w64.t()
+    y = x64 @ w64.t() if y is None else y.to(dt)
     xs, ws = (x64, w64) if s is None else (x64 / s.to(dt), w64 * s.to(dt))
     xq = _quant_rows(_rotate(xs, convrot_groupsize))
     wq = _quant_rows(_rotate(ws, convrot_groupsize))
@@ -514,16 +517,23 @@ def _search(view: ModelView, fold: Fold, cfg: SmoothQuantConfig) -> tuple[dict |
         xs.append(x)
         ws.append(view.tensor(f"{c}.weight").to(torch.float64 if view_numel(view, c) <= 2 ** 22 else torch.float32))
     wmax = torch.stack([w[:, fold.col_start:fold.col_start + fold.width].abs().amax(0) for w in ws]).amax(0)
+    # The error is a sum over output rows, each quantized on its own: a seeded subset of rows
+    # estimates it (the same rows for every α), at a fraction of the cost for wide layers.
+    g = torch.Generator().manual_seed(cfg.seed)
+    ws = [w if w.shape[0] <= cfg.max_rows else w[torch.randperm(w.shape[0], generator=g)[: cfg.max_rows]]
+          for w in ws]
+    ys = [x.to(w.dtype) @ w.t() for x, w in zip(xs, ws)]
 
     def total(s_part):
         err = sig = 0.0
-        for x, w in zip(xs, ws):
+        for x, w, y in zip(xs, ws, ys):
             s_full = None
             if s_part is not None:
                 s_full = torch.ones(w.shape[1], dtype=torch.float64)
                 s_full[fold.col_start:fold.col_start + fold.width] = s_part
-            e, g = smoothing_error(x, w, s_full, convrot_groupsize=_group_for(cfg.convrot_groupsize, w.shape[1]))
-            err, sig = err + e, sig + g
+            e, n2 = smoothing_error(x, w, s_full, convrot_groupsize=_group_for(cfg.convrot_groupsize, w.shape[1]),
+                                    y=y)
+            err, sig = err + e, sig + n2
         return math.sqrt(err / sig) if sig > 0 else 0.0
 
     before = total(None)
