@@ -104,6 +104,8 @@ def _kt_damp(s, c):
 DENSE_GRID = tuple(round(1 - 0.0025 * i, 4) for i in range(20)) + (0.93, 0.9, 0.85, 0.8)
 RECIPES["convrot_rtn+search20"] = lambda s: scale_search(absmax_scale(_rot(LayerState.from_weight(
     s.name, s.weight, bias=s.bias, meta=s.meta)), cfg=ROW), cfg=ScaleSearchConfig(grid=DENSE_GRID))
+RECIPES["rtn+search"] = lambda s: scale_search(absmax_scale(LayerState.from_weight(
+    s.name, s.weight, bias=s.bias, meta=s.meta), cfg=ROW), cfg=ScaleSearchConfig())
 RECIPES["gptq@s0.3"] = lambda s: gptq_update(absmax_scale(_shrunk(s, 0.3), cfg=ROW), cfg=GPTQConfig())
 RECIPES["quip@s0.3+w8a8"] = lambda s: w8a8_round(absmax_scale(_rot(_shrunk(s, 0.3)), cfg=ROW),
                                                  cfg=W8A8RoundConfig(rounder=LDLQ_ACT))
@@ -128,7 +130,7 @@ for _d in (0.03, 0.1, 0.3, 1.0):
 
 #: The rows of the published table: today's recipes, each new piece alone on top of ConvRot + LDLQ
 #: (``quip``), and the recommended defaults (``quip@s0.3`` with data, ``convrot_rtn+search`` without).
-DEFAULT_RECIPES = ("rtn", "gptq", "gptq@s0.3", "convrot_rtn", "convrot_rtn+search", "convrot_rtn+search20", "quip",
+DEFAULT_RECIPES = ("rtn", "rtn+search", "gptq", "gptq@s0.3", "convrot_rtn", "convrot_rtn+search", "convrot_rtn+search20", "quip",
                    "quip+w8a8", "quip+search", "quip+bias", "quip@d0.1", "quip@s0.2", "quip@s0.3",
                    "quip@s0.3+bias", "quip@s0.3+w8a8")
 
