@@ -13,7 +13,7 @@ export OMP_WAIT_POLICY := PASSIVE
 $(BIN)/.cq-installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test,demo]"
+	$(BIN)/pip install -q -e ".[test,demo,report]"
 	touch $@
 
 env: $(BIN)/.cq-installed

@@ -70,9 +70,20 @@ def convert_to_int8(*args: Any, **kwargs: Any) -> ConversionReport:
     inp, out, cfg = config_from_legacy_kwargs(**values)
     from .convert import convert_file
 
+    html = values.get("report_html")
+    if html:
+        from .io.paths import check_outputs
+
+        reads = {"input_file": inp, "calibration_data_path": values.get("calibration_data_path"),
+                 "calibration_lora_path": values.get("calibration_lora_path"), "merge_loras": list(cfg.merge_loras)}
+        check_outputs(reads, {"output_file": out, "report_html": html})  # before the long run, not after it
     report = convert_file(inp, out, cfg)
     if values.get("report_quality"):
         log.info("%s", report.table())
+    if html:
+        from .report_html import write_html_report
+
+        write_html_report(report, html, settings={k: v for k, v in values.items() if k not in ("input_file", "output_file")})
     return report
 
 

@@ -54,7 +54,6 @@ def _dry_run(mode: str, inp: str, cfg) -> int:
     """``--dry-run``: every tensor's plan and why (analyze) or a layer-config template; no conversion."""
     from .convert import plan_model
     from .io import UnifiedSafetensorsLoader
-    from .model import LoaderView
     from .recipes import recipe_label
 
     with UnifiedSafetensorsLoader(inp, low_memory=True) as loader:
@@ -69,8 +68,16 @@ def _dry_run(mode: str, inp: str, cfg) -> int:
             write_text_atomic(path, json.dumps(template, indent=2) + "\n")
             print(f"wrote {path} ({sum(1 for k in template if not k.startswith('_'))} layers)")
             return 0
+        from .convert import open_model, resolve_selection
+
+        view, _, input_notes = open_model(loader, cfg)
+        cfg, detection, why = resolve_selection(view, cfg)
+        print(detection.describe())
+        print(why)
+        for note in input_notes:
+            print(f"note: {note}")
         counts: dict[str, int] = {}
-        for p in plan_model(LoaderView(loader), cfg):
+        for p in plan_model(view, cfg):
             counts[p.action] = counts.get(p.action, 0) + 1
             recipe = f" -> {recipe_label(p.recipe)}" if p.action == "quantize" else ""
             print(f"{p.action:<10} {p.key}{recipe}  ({p.reason})" if p.reason else f"{p.action:<10} {p.key}{recipe}")
@@ -97,7 +104,7 @@ def _output_roles(args: argparse.Namespace, out: str) -> tuple[dict, dict]:
     elif args.dry_run:
         writes = {}
     else:
-        writes = {"-o": out, "--report-json": args.report_json}
+        writes = {"-o": out, "--report-json": args.report_json, "--report-html": args.report_html}
     return reads, writes
 
 
@@ -209,6 +216,9 @@ def _main(argv: list[str] | None) -> int:
     minimal = args.verbose == "MINIMAL"
     if not minimal:
         print("\n".join(table))
+        why = report.model.get("detection", {}).get("why")
+        if why:
+            print(f"note: {why}")
     for note in report.notes:
         print(f"warning: {note}", file=sys.stderr)
     if args.report_json:
@@ -220,6 +230,16 @@ def _main(argv: list[str] | None) -> int:
             print(f"wrote {out}", file=sys.stderr)
             print(f"cq: error: could not write --report-json {args.report_json}: {exc.strerror or exc}",
                   file=sys.stderr)
+            return 1
+    if args.report_html:
+        from .report_html import write_html_report
+
+        try:
+            write_html_report(report, args.report_html, settings={k: v for k, v in vars(args).items()
+                                                                  if v not in (None, False) and k != "input"})
+        except (OSError, ImportError) as exc:  # the path was checked up front; matplotlib is an optional extra
+            print(f"wrote {out}", file=sys.stderr)
+            print(f"cq: error: could not write --report-html {args.report_html}: {exc}", file=sys.stderr)
             return 1
     print(f"{table[-1]}; wrote {out}" if minimal else f"wrote {out}")
     return 0

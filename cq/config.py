@@ -123,6 +123,10 @@ class ConvertConfig:
     merge_lora_scale: float = attrs.field(default=1.0, converter=float)
     merge_lora_dampen: bool = True
     model_transforms: tuple[Callable, ...] = attrs.field(default=(), converter=_transforms)
+    # inputs and model-level choices
+    requantize_int8: bool = False  # re-quantize layers that are already ComfyUI int8 (default: copy them)
+    auto_preset: bool = True  # apply the preset of the detected architecture when no preset was chosen
+    fp8_input_scale: bool = False  # FP8 layers also get a static input_scale from the calibration absmax
     # run
     seed: int = 0
     metrics_tokens: int = attrs.field(default=64, validator=attrs.validators.ge(0))
@@ -147,6 +151,9 @@ class ConvertConfig:
         if self.calibration_lora_path and not self.synthetic_calibration and not self.calibration_path:
             raise ConfigError("calibration_lora_path only shapes the synthetic Hessians; set synthetic_calibration "
                               "(the facade does when an optimizer is gptq/quip) or drop it")
+        if self.fp8_input_scale and not self.calibration_path:
+            raise ConfigError("fp8_input_scale needs calibration data (its input absmax); pass calibration_path "
+                              "(--calibration-data) or drop the option")
         if not self.merge_loras and (self.merge_lora_scale != 1.0 or not self.merge_lora_dampen):
             raise ConfigError("merge_lora_scale / merge_lora_dampen need LoRA files to merge (merge_loras); "
                               "pass the LoRA paths or drop these options")

@@ -37,7 +37,7 @@ from .config import ConvertConfig, granularity_for, resolve_device
 from .errors import ConfigError
 from .model import LoaderView, ModelEdits, ModelTransform, ModelView, run_model_transforms
 from .pipeline import Pipeline, pipeline, stage
-from .recipes import FP16, Recipe, measure_stage, recipe_info, recipe_pipeline, with_granularity
+from .recipes import FP8, FP16, Recipe, measure_stage, recipe_info, recipe_pipeline, with_granularity
 from .report import ConversionReport, LayerReport
 from .state import LayerState
 from .transforms.attach import HessianInput, attach_hessian
@@ -96,6 +96,8 @@ def _recipe_for(decision, cfg: ConvertConfig, key: str) -> Recipe:
     """The one rule: fp16 target → FP16; int8 → the run's recipe with the layer's scaling override."""
     if decision.target == "fp16":
         return FP16()
+    if decision.target == "fp8":
+        return FP8(input_scale=cfg.fp8_input_scale)
     recipe = cfg.recipe
     if decision.scaling_mode is not None:
         gran = granularity_for(decision.scaling_mode, decision.block_size)
@@ -212,8 +214,13 @@ def layer_pipeline(plan: LayerPlan, cfg: ConvertConfig, *, edits: ModelEdits = M
     body = recipe_pipeline(plan.recipe, backend=cfg.backend)
     pipe = pipeline(*head).then(*body.stages)
     if measure_on is not None:
-        quantized = isinstance(plan.recipe, Pipeline) or recipe_info(plan.recipe).quantized
-        pipe = pipe.then(measure_stage(measure_on, cfg.metrics_tokens if quantized else 0, cfg.seed, cfg.backend))
+        info = None if isinstance(plan.recipe, Pipeline) else recipe_info(plan.recipe)
+        tokens = cfg.metrics_tokens if info is None or info.quantized else 0
+        if info is not None and info.measure is not None:
+            pipe = pipe.then(info.measure(measure_on, tokens, cfg.seed, backend=cfg.backend,
+                                          full_precision_matrix_mult=plan.full_precision_matrix_mult))
+        else:
+            pipe = pipe.then(measure_stage(measure_on, tokens, cfg.seed, cfg.backend))
     return pipe
 
 
@@ -252,12 +259,44 @@ def convert_layer(plan: LayerPlan, view: ModelView, cfg: ConvertConfig, edits: M
     report = LayerReport(name=stem, action="quantize", reason=plan.reason, recipe=plan.recipe_name(),
                          format=(entry or {}).get("format", out.format), shape=tuple(w.shape),
                          scale_shape=None if scale_t is None else tuple(scale_t.shape),
-                         metrics=dict(out.metrics), notes=out.notes)
+                         metrics=dict(out.metrics), notes=out.notes,
+                         source=view.note(plan.key) if hasattr(view, "note") else None)
     return tensors, report, entry
 
 
 # ---------------------------------------------------------------------------------------------
 # The model.
+
+
+def open_model(loader, cfg: ConvertConfig):
+    """The model as the runner sees it: stored fp8 (and, when asked, int8) layers decoded to float32.
+
+    Returns ``(view, input plan, notes)``; see :mod:`cq.io.fp8_inputs`.
+    """
+    from .io.fp8_inputs import DecodedView, RequantizeWarning, plan_stored_inputs
+
+    raw = LoaderView(loader)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RequantizeWarning)
+        inputs = plan_stored_inputs(raw, requantize_int8=cfg.requantize_int8)
+    for w in caught:  # said once, as a console warning line (not a Python warning with a file and line)
+        if not issubclass(w.category, RequantizeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return DecodedView(raw, inputs), inputs, tuple(inputs.notes)
+
+
+def resolve_selection(view: ModelView, cfg: ConvertConfig):
+    """``(cfg with the presets to apply, detection, the line saying why)``: the architecture recognised
+    from names and shapes picks its preset unless the user chose one or ``cfg.auto_preset`` is off."""
+    from .detect import detect_architecture, resolve_presets
+    from .selection import SelectionConfig
+
+    selection = cfg.selection if cfg.selection is not None else SelectionConfig()
+    detection = detect_architecture(view)
+    presets, why = resolve_presets(detection, chosen=selection.presets, auto=cfg.auto_preset)
+    if cfg.selection is None or presets != selection.presets:
+        cfg = attrs.evolve(cfg, selection=attrs.evolve(selection, presets=presets))
+    return cfg, detection, why
 
 
 def model_transforms_for(cfg: ConvertConfig) -> tuple[ModelTransform, ...]:
@@ -321,10 +360,12 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
     kept = removed = 0
     notes_log = _NoteLog()
     with UnifiedSafetensorsLoader(input_file, low_memory=cfg.low_memory) as loader:
-        view = LoaderView(loader)
+        view, inputs, input_notes = open_model(loader, cfg)
+        cfg, detection, why = resolve_selection(view, cfg)
+        log.log(15, "%s; %s", detection.describe().splitlines()[0], why)  # VERBOSE; the CLI prints it after the table
         plans = plan_model(view, cfg, plan=plan)
         edits = run_model_transforms(view, model_transforms_for(cfg) + tuple(model_transforms))
-        for w in edits.warnings:
+        for w in input_notes + edits.warnings:
             log.warning("warning: %s", w)
         hessians = HessianSource(cfg, view)
         total = sum(loader.header.tensors[p.key].nbytes for p in plans if p.action != "remove")
@@ -346,8 +387,24 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
                 if progress is not None:
                     progress(p.key, p.recipe_name() if p.action == "quantize" else None, done, total)
                 if p.action == "keep":
-                    t = loader.get_tensor(p.key)
-                    writer.add(p.key, edits.apply(p.key, t).to(t.dtype) if p.key in edits else t)
+                    stored = view.stored(p.key)
+                    if stored is not None and p.key not in edits:
+                        # a decoded fp8 layer that stays: its own codes in ComfyUI's layout, no new rounding
+                        from .io.fp8_inputs import passthrough_tensors
+
+                        tensors = passthrough_tensors(view.base, stored)
+                        for name, t in tensors.items():
+                            writer.add(name, t)
+                        entries[stored.stem] = {**dict(stored.conf), "format": stored.format}
+                    else:
+                        t = view.tensor(p.key)
+                        if p.key in edits:
+                            out_dtype = torch.bfloat16 if stored is not None else t.dtype
+                            if stored is not None:
+                                notes_log.layer(p.stem, ["kept layer decoded from fp8 and edited by a model "
+                                                         "transform: written as bfloat16"])
+                            t = edits.apply(p.key, t).to(out_dtype)
+                        writer.add(p.key, t)
                     kept += 1
                 else:
                     t0 = time.perf_counter()
@@ -363,18 +420,25 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
                 done += nbytes
             if progress is not None:
                 progress(None, None, done, total)
+            for layer in inputs.keep.values():  # int8 layers copied from the input keep their header entry
+                entries.setdefault(layer.stem, {**dict(layer.conf), "format": layer.format})
             if cfg.save_quant_metadata and entries:
                 writer.update_metadata({"_quantization_metadata": quantization_metadata(entries)})
-    notes = list(edits.warnings)
+    notes = list(input_notes) + list(edits.warnings)
     odd = sorted({r.format for r in reports if r.format not in NATIVE_FORMATS and r.format != "fp16"})
     if odd:
         notes.append(f"formats {odd} need a custom node: vanilla ComfyUI cannot load them")
     if not cfg.comfy:
         notes.append("legacy non-comfy layout (.scale_weight): vanilla ComfyUI loads these weights unquantized")
-    for note in notes[len(edits.warnings):]:  # once per run, not once per layer
+    for note in notes[len(input_notes) + len(edits.warnings):]:  # once per run, not once per layer
         warnings.warn(note, NonNativeFormatWarning, stacklevel=2)
     notes = notes_log.repeated() + notes
     return ConversionReport(input_file=str(input_file), output_file=str(output_file),
                             layers=tuple(_hoist_repeated_notes(reports)), kept=kept, removed=removed,
                             seconds=time.perf_counter() - start, quality_threshold=cfg.quality_threshold,
-                            notes=tuple(notes), model=dict(edits.report), device=str(device))
+                            notes=tuple(notes), device=str(device),
+                            model={**dict(edits.report), "detection": {"family": detection.family,
+                                                                       "presets": list(cfg.selection.presets),
+                                                                       "why": why, "evidence": list(detection.evidence)},
+                                   "stored_inputs": {"from_fp8": list(inputs.from_fp8),
+                                                     "kept_int8": [l.stem for l in inputs.keep.values()]}})

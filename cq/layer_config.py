@@ -13,7 +13,7 @@ Two layouts are accepted and give the same result:
   (``_default`` may sit inside or next to ``layer_patterns``).
 
 An entry holds ``format`` (``int8``, ``int8_tensorwise``, ``int8_blockwise``, ``int8_axiswise``,
-``fp16`` or ``skip``), ``skip``, ``block_size``, ``scaling_mode`` (``tensor``/``row``/``axis``/
+``fp16``, ``float8_e4m3fn`` (alias ``fp8``) or ``skip``), ``skip``, ``block_size``, ``scaling_mode`` (``tensor``/``row``/``axis``/
 ``block``), ``simple`` and ``full_precision_matrix_mult``; keys starting with ``_`` (``_shape``,
 ``_comment``) are ignored. Unlike the reference, the format selects the scaling mode:
 ``int8_tensorwise`` → ``row`` (or ``tensor``/``axis`` when ``scaling_mode`` says so),
@@ -57,6 +57,8 @@ LAYER_CONFIG_FORMATS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     "int8_blockwise": ("block",),
     "int8_axiswise": ("axis", "row"),
     "fp16": ("",),
+    "float8_e4m3fn": ("",),
+    "fp8": ("",),
     "skip": ("",),
 })
 SCALING_MODES = ("tensor", "row", "axis", "block")

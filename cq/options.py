@@ -8,7 +8,8 @@ Each :class:`Option` names its destination explicitly (``target``):
 * ``gptq.<field>`` — a :class:`~cq.transforms.gptq.GPTQConfig` field (``optimizer="gptq"`` only);
 * ``quip.<arg>`` — an argument of :func:`~cq.transforms.quip.quip_config_from_legacy` (``optimizer="quip"`` only);
 * ``lora.<field>`` — the LoRA merge (``config.merge_loras`` and friends);
-* ``file.<role>`` — the input and output paths; ``cli.<name>`` — options only the command line has;
+* ``file.<role>`` — the input and output paths; ``report.<kind>`` — extra reports written after the run;
+* ``cli.<name>`` — options only the command line has (and ``report_quality``, which logs the table);
 * ``noop`` — accepted, with the reason it changes nothing (logged when set);
 * ``later`` — a capability cq does not have yet: a non-default value raises NotImplementedError naming it.
 
@@ -190,6 +191,20 @@ OPTIONS: tuple[Option, ...] = (
                                            "(int8_blockwise tiles, custom nodes only)"),
     _opt("block_size", "recipe.block_size", None, "--block_size", facade="kwarg", group="output format", type=int,
          help="tile size for --scaling_mode block (128), or the group of --quip-requant-scheme block"),
+    _opt("fp8", "selection.fp8", False, "--fp8", facade="kwarg", group="output format", action="store_true",
+         help="store eligible weights as ComfyUI float8_e4m3fn (per-tensor scale; Ada/Hopper) instead of INT8; "
+              "per layer: \"format\": \"float8_e4m3fn\" in --layer-config"),
+    _opt("fp8_input_scale", "config.fp8_input_scale", False, "--fp8-input-scale", facade="kwarg",
+         group="output format", action="store_true",
+         help="FP8 layers also get a static input_scale from the calibration absmax (needs --calibration-data)"),
+    _opt("requantize_int8", "config.requantize_int8", False, "--requantize-int8", facade="kwarg", group="files",
+         action="store_true", help="re-quantize layers that are already ComfyUI int8 (default: copied unchanged; "
+                                   "re-quantizing adds a second rounding error)"),
+    _opt("auto_preset", "config.auto_preset", True, "--auto-preset", facade="kwarg", group="which layers",
+         action=_ONOFF, help="apply the preset of the architecture recognised from the tensor names (default on; "
+                             "--no-auto-preset: generic rules unless a preset flag is given)"),
+    _opt("report_html", "report.html", None, "--report-html", facade="kwarg", group="files",
+         help="also write a self-contained HTML quality report (charts; needs the [report] extra: matplotlib)"),
     _opt("legacy_axiswise", "config.legacy_axiswise", False, "--legacy-axiswise", facade="kwarg",
          group="output format", action="store_true",
          help="write per-row scales as [N] 'int8_axiswise' for the fork's custom nodes (vanilla ComfyUI fails)"),
@@ -317,7 +332,7 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
     if fields.get("calibration_path") is None and optimizer in ("gptq", "quip") and fields.get("calibration_lora_path"):
         fields["synthetic_calibration"] = True
     sel = {k: v for k, v in groups["selection"].items()}
-    sel.update(fp16=bool(sel.get("fp16")), scaling_mode=mode, block_size=block_size)
+    sel.update(fp16=bool(sel.get("fp16")), fp8=bool(sel.get("fp8")), scaling_mode=mode, block_size=block_size)
     fields["selection"] = SelectionConfig.from_legacy(**sel)
     fields = {k: v for k, v in fields.items() if v is not None}  # unset: the config's own default
     return str(values["input_file"]), str(values["output_file"]), ConvertConfig(**fields)

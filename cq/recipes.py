@@ -34,7 +34,7 @@ from .state import Granularity, LayerState, PerBlock, PerGroup, PerRow, PerTenso
 from .transforms import (GPTQConfig, MetricsConfig, QuIPConfig, RoundConfig, ScaleConfig, absmax_scale, check_finite,
                          check_linear, fp16_cast, gptq_update, measure, round_to_nearest)
 
-__all__ = ["RTN", "GPTQ", "QuIP", "FP16", "Recipe", "RecipeInfo", "register_recipe", "recipe_pipeline",
+__all__ = ["RTN", "GPTQ", "QuIP", "FP16", "FP8", "Recipe", "RecipeInfo", "register_recipe", "recipe_pipeline",
            "recipe_info", "recipe_label", "registered_recipes", "with_granularity", "rtn_pipeline", "gptq_pipeline", "fp16_pipeline",
            "metrics_inputs", "measure_stage"]
 
@@ -72,6 +72,21 @@ class FP16:
     """Store the layer as float16 (the reference's ``--fp16`` target)."""
 
 
+@attrs.frozen
+class FP8:
+    """ComfyUI-native ``float8_e4m3fn`` (per-tensor float32 scale; the fast path on Ada/Hopper GPUs).
+
+    ``input_scale``: also write a static ``input_scale`` from the calibration's input absmax.
+    """
+
+    input_scale: bool = attrs.field(default=False)
+
+    @input_scale.validator
+    def _bool(self, attribute, value):
+        if not isinstance(value, bool):
+            raise ConfigError(f"FP8.input_scale={value!r} must be True or False")
+
+
 #: Any registered recipe record.
 Recipe = Any
 
@@ -88,21 +103,27 @@ class RecipeInfo:
     build: Callable[..., Pipeline]
     uses_hessian: bool = False
     quantized: bool = True
+    #: ``measure(probe_state, tokens, seed, *, backend, full_precision_matrix_mult) -> Stage`` for
+    #: formats whose runtime path is not ComfyUI's int8 W8A8 (``None``: :func:`measure_stage`).
+    measure: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[type, RecipeInfo] = {}
 
 
-def register_recipe(recipe_type: type, *, uses_hessian: bool = False, quantized: bool = True):
+def register_recipe(recipe_type: type, *, uses_hessian: bool = False, quantized: bool = True,
+                    measure: Callable[..., Any] | None = None):
     """Decorator: register ``build(recipe, *, backend) -> Pipeline`` for records of ``recipe_type``.
 
-    Registering a type again replaces its handler (e.g. to swap cq's GPTQ for your own).
+    ``uses_hessian``: the runner attaches calibration data first; ``quantized=False``: the layer is
+    not counted as quantized (fp16); ``measure``: the metrics stage builder when the format's runtime
+    path is not int8 W8A8. Registering a type again replaces its handler.
     """
     if not isinstance(recipe_type, type):
         raise ConfigError(f"register_recipe needs a class (the recipe's config type), got {recipe_type!r}")
 
     def decorate(build: Callable[..., Pipeline]) -> Callable[..., Pipeline]:
-        _REGISTRY[recipe_type] = RecipeInfo(build, uses_hessian=uses_hessian, quantized=quantized)
+        _REGISTRY[recipe_type] = RecipeInfo(build, uses_hessian=uses_hessian, quantized=quantized, measure=measure)
         return build
 
     return decorate
@@ -237,6 +258,19 @@ def _quip(recipe: QuIP, *, backend: Backend) -> Pipeline:
 @register_recipe(FP16, quantized=False)
 def _fp16(recipe: FP16, *, backend: Backend) -> Pipeline:
     return fp16_pipeline()
+
+
+def _fp8_measure(probe: LayerState, tokens: int, seed: int, *, backend: Backend, full_precision_matrix_mult: bool):
+    from .transforms.fp8 import fp8_measure_stage
+
+    return fp8_measure_stage(probe, tokens, seed, full_precision_matrix_mult=full_precision_matrix_mult)
+
+
+@register_recipe(FP8, measure=_fp8_measure)
+def _fp8(recipe: FP8, *, backend: Backend) -> Pipeline:
+    from .transforms.fp8 import Fp8Config, fp8_pipeline
+
+    return fp8_pipeline(Fp8Config(input_scale=recipe.input_scale))  # plain torch casts: no kernel choice
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ class LayerReport:
     action: str  # "quantize" | "keep" | "remove"
     reason: str = ""
     recipe: str | None = None  # the recipe record's type name (RTN, GPTQ, QuIP, FP16, yours), or "pipeline"
+    source: str | None = None  # for weights read from quantized inputs: "decoded from float8_e4m3fn (...)"
     format: str | None = None
     shape: tuple[int, ...] = ()
     scale_shape: tuple[int, ...] | None = None

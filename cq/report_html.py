@@ -177,6 +177,11 @@ def render_html_report(report: ConversionReport, *, settings: Mapping[str, Any] 
                         f"pipelines, device {e(str(report.device))}"]]
     parts.append("<h2>Summary</h2>" + _table(["", ""], summary, "summary"))
 
+    if detection is None and report.model.get("detection"):  # what the runner recognised
+        from .detect import Detection
+
+        d = report.model["detection"]
+        detection = Detection(d.get("family"), tuple(d.get("presets", ())), tuple(d.get("evidence", ())))
     if detection is not None:
         lines = e(detection.describe()).replace("\n", "<br>")
         parts.append(f"<h2>Architecture</h2><p>{lines}</p>")
@@ -200,7 +205,7 @@ def render_html_report(report: ConversionReport, *, settings: Mapping[str, Any] 
         rows += [[e(r.name), "fp16", e(r.reason or "stored as float16")] for r in report.fp16]
         parts.append("<h2>Layers kept in high precision, and why</h2>" + _table(["tensor", "action", "reason"], rows, "kept"))
 
-    decoded = [(r, n) for r in report.layers for n in r.notes if n.startswith("decoded from")]
+    decoded = [(r, r.source) for r in report.layers if r.source]
     if decoded:
         parts.append("<h2>Layers read from quantized inputs</h2>" + _table(
             ["layer", "source"], [[e(r.name), e(n)] for r, n in decoded], "decoded"))

@@ -63,7 +63,7 @@ __all__ = [
     "tensor_triples",
 ]
 
-TARGETS = ("int8", "fp16")
+TARGETS = ("int8", "fp16", "fp8")  # fp8: ComfyUI float8_e4m3fn (per-tensor scale)
 ACTIONS = ("quantize", "keep", "remove")
 #: ``--heur`` keeps layers with a dim below this in tensor/row/axis modes (int8 GEMMs that small
 #: gain nothing over the float path).
@@ -240,7 +240,7 @@ class SelectionConfig:
                               "'int8' or 'fp16' (CLI: --custom-type int8)")
 
     @classmethod
-    def from_legacy(cls, *, filter_flags: Mapping[str, bool] | None = None, fp16: bool = False,
+    def from_legacy(cls, *, filter_flags: Mapping[str, bool] | None = None, fp16: bool = False, fp8: bool = False,
                     fallback: str | None = None, custom_layers: str | None = None,
                     exclude_layers: str | None = None, custom_type: str | None = None,
                     custom_block_size: int | None = None, custom_scaling_mode: str | None = None,
@@ -264,7 +264,11 @@ class SelectionConfig:
         if custom_type is not None:
             custom = LayerOverride(custom_type, block_size=custom_block_size, scaling_mode=custom_scaling_mode,
                                    simple=bool(custom_simple), heur=bool(custom_heur))
-        return cls(target="fp16" if fp16 else "int8", scaling_mode=scaling_mode or "row", presets=filter_flags,
+        if fp16 and fp8:
+            raise ConfigError("fp16=True and fp8=True both set the target of every layer; choose one "
+                              "(per-layer formats go in a layer config)")
+        return cls(target="fp16" if fp16 else ("fp8" if fp8 else "int8"), scaling_mode=scaling_mode or "row",
+                   presets=filter_flags,
                    exclude_layers=exclude_layers, custom_layers=custom_layers, custom=custom, fallback=fallback,
                    fallback_block_size=fallback_block_size, fallback_simple=bool(fallback_simple),
                    layer_config=layer_config, layer_config_fullmatch=bool(layer_config_fullmatch),
@@ -348,7 +352,7 @@ def _entry_decision(entry: Mapping[str, Any], reason: str, rule: str) -> Decisio
         return Decision("keep", reason=f"{reason}: skip", rule=rule)
     return Decision(
         "quantize",
-        target="fp16" if entry["format"] == "fp16" else "int8",
+        target={"fp16": "fp16", "float8_e4m3fn": "fp8", "fp8": "fp8"}.get(entry["format"], "int8"),
         reason=reason,
         rule=rule,
         scaling_mode=entry.get("scaling_mode"),
@@ -417,7 +421,7 @@ def decide(key: str, shape: Iterable[int], dtype: torch.dtype | None,
         return d
     heur = cfg.custom.heur if d.rule == "custom" else cfg.skip_inefficient_layers
     if heur:
-        mode = None if d.target == "fp16" else (d.scaling_mode or cfg.scaling_mode)
+        mode = None if d.target in ("fp16", "fp8") else (d.scaling_mode or cfg.scaling_mode)
         why = inefficiency(shape, mode, d.block_size or cfg.heur_block_size)
         if why is not None:
             return Decision("keep", reason=f"{d.reason}; --heur: {why}", rule="heur")

@@ -189,7 +189,7 @@ def test_validator_flags_bad_input_scale(tmp_path):
 
 
 def test_fp8_recipe_is_registered_and_writes_comfy_fp8():
-    from cq.fp8_recipe import FP8
+    from cq.recipes import FP8
     from cq.recipes import recipe_info, recipe_pipeline
 
     s = recipe_pipeline(FP8(input_scale=True))(

@@ -10,7 +10,7 @@ from cq.io import UnifiedSafetensorsLoader, encode_comfy_quant, layer_tensors, q
 from cq.io.comfy import QUANT_METADATA_KEY
 from cq.io.comfy_fp8 import fp8_layer_tensors
 from cq.io.fp8_inputs import (RequantizeWarning, decode_stored, find_stored_layers, passthrough_tensors,
-                              plan_stored_inputs, stored_input_edits)
+                              plan_stored_inputs, DecodedView)
 from cq.model import DictView, LoaderView
 from cq.state import LayerState, PerBlock, PerGroup, PerRow
 from cq.transforms import ScaleConfig, absmax_scale, reconstruct, round_to_nearest
@@ -128,28 +128,49 @@ def test_undecodable_and_broken_inputs_raise():
         decode_stored(v, find_stored_layers(v)["a.weight"])
 
 
-def test_model_edits_decode_what_the_runner_reads_and_report_it():
-    from cq.model import run_model_transforms
-
+def test_decoded_view_is_what_the_runner_reads():
     w = _w(seed=8)
     codes, scale, value = _fp8_codes(w)
     s8 = round_to_nearest(absmax_scale(convrot(LayerState.from_weight("r", _w(8, 64, seed=9))), cfg=ScaleConfig(PerRow())))
     v = DictView({"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn), "a.weight": codes,
                   "a.scale_weight": scale, "b.weight": w, **layer_tensors(s8)})
-    edits = run_model_transforms(v, [stored_input_edits])
-    # the runner reads tensor.float() (the codes) and applies the edit stages: the decoded value comes out
-    assert torch.equal(edits.apply("a.weight", v.tensor("a.weight").float()), value)
-    assert "b.weight" not in edits and "r.weight" not in edits  # float weights untouched, int8 kept
-    rep = edits.report["stored_inputs"]
-    assert rep["from_fp8"] == ["a"] and rep["kept_int8"] == ["r"] and "scaled_fp8" in rep["drop"]
-    assert set(rep["copy"]) == {"r.weight", "r.weight_scale", "r.comfy_quant"}
-    assert rep["decoded"] == {"a": "decoded from float8_e4m3fn (scaled_fp8)"} and edits.warnings == ()
-    st = edits.apply_state(LayerState.from_weight("a.weight", v.tensor("a.weight").float()), "a.weight")
-    assert st.notes == ("decoded from float8_e4m3fn (scaled_fp8)",) and torch.equal(st.original, value)
-    re = stored_input_edits(v, requantize_int8=True)
-    assert len(re.warnings) == 1 and "second one" in re.warnings[0]
-    assert re.report["stored_inputs"]["decoded"]["r"] == "decoded from int8_tensorwise (comfy_quant, convrot 64 undone)"
-    assert torch.allclose(re.apply("r.weight", v.tensor("r.weight").float()), reconstruct(s8), atol=1e-7)
+    d = DecodedView(v, plan_stored_inputs(v))
+    assert torch.equal(d.tensor("a.weight"), value) and d.dtype("a.weight") == torch.float32
+    assert "a.scale_weight" not in d.keys() and "scaled_fp8" not in d.keys()  # consumed companions are hidden
+    assert d.tensor("b.weight") is not None and d.stored("b.weight") is None  # float weights untouched
+    assert d.dtype("r.weight") == torch.int8 and {"r.weight_scale", "r.comfy_quant"} <= set(d.keys())  # int8 kept
+    assert d.note("a.weight") == "decoded from float8_e4m3fn (scaled_fp8)"
+    with pytest.warns(RequantizeWarning, match="second one"):
+        re = DecodedView(v, plan_stored_inputs(v, requantize_int8=True))
+    assert re.note("r.weight") == "decoded from int8_tensorwise (comfy_quant, convrot 64 undone)"
+    assert torch.allclose(re.tensor("r.weight"), reconstruct(s8), atol=1e-7)
+    assert "r.weight_scale" not in re.keys()
+
+
+def test_fp8_and_int8_inputs_through_the_runner(tmp_path):
+    """An fp8-only model becomes INT8; an int8 layer is copied unchanged; the report names the fp8 layers."""
+    from safetensors.torch import save_file
+
+    from cq import ConvertConfig, convert_file
+    from cq.io import check_with_comfy_kitchen, validate_comfy_file
+
+    w = _w(seed=12)
+    codes, scale, value = _fp8_codes(w)
+    s8 = round_to_nearest(absmax_scale(LayerState.from_weight("r", _w(8, 64, seed=13))))
+    src = tmp_path / "fp8.safetensors"
+    save_file({"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn), "a.weight": codes,
+               "a.scale_weight": scale, **layer_tensors(s8)}, str(src))
+    out = tmp_path / "o.safetensors"
+    report = convert_file(str(src), str(out), ConvertConfig(save_quant_metadata=True))
+    assert report.model["stored_inputs"] == {"from_fp8": ["a"], "kept_int8": ["r"]}
+    assert {r.name: r.source for r in report.quantized} == {"a": "decoded from float8_e4m3fn (scaled_fp8)"}
+    with UnifiedSafetensorsLoader(str(out)) as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    assert "a.scale_weight" not in t and "scaled_fp8" not in t and t["a.weight"].dtype == torch.int8
+    assert torch.equal(t["r.weight"], s8.codes) and torch.equal(t["r.weight_scale"], s8.scale)
+    assert validate_comfy_file(str(out)) == []
+    res = check_with_comfy_kitchen(str(out), {"a": value, "r": s8.original})
+    assert res["a"]["dequant_rel_err"] < 0.012 and res["r"]["dequant_rel_err"] < 0.012
 
 
 def test_passthrough_keeps_fp8_codes_in_native_layout(tmp_path):

@@ -68,7 +68,7 @@ def _report():
                                            **({"predicted_rel_out": 0.011 + i / 500} if i % 2 else {})}, seconds=0.1))
     layers.append(LayerReport(name="blocks.6.mlp", action="quantize", format="float8_e4m3fn", recipe="FP8",
                               shape=(64, 64), scale_shape=(), metrics={"sqnr_db": 31.0, "w8a8": 0.04, "rel_out_x": 0.03},
-                              notes=("decoded from float8_e4m3fn (scaled_fp8)",)))
+                              source="decoded from float8_e4m3fn (scaled_fp8)"))
     layers.append(LayerReport(name="final_layer.linear", action="quantize", format="fp16", reason="fallback fp16"))
     layers.append(LayerReport(name="img_in.weight", action="keep", reason="preset flux2: img_in"))
     layers.append(LayerReport(name="decoder.x.weight", action="remove", reason="preset t5xxl: decoder"))

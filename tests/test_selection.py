@@ -214,7 +214,7 @@ def test_presets_from_filter_flags_and_unknown_names():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(target="int4"), "target='int4'"),
-    (dict(fallback="fp8"), "fallback='fp8'"),
+    (dict(fallback="fp4"), "fallback='fp4'"),
     (dict(scaling_mode="channel"), "scaling_mode='channel'"),
     (dict(heur_block_size=0), "heur_block_size=0"),
     (dict(heur_block_size=None), "heur_block_size=None"),

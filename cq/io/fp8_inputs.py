@@ -35,8 +35,7 @@ from ..errors import InputError
 from .comfy import QUANT_METADATA_KEY, decode_comfy_quant
 
 __all__ = ["StoredLayer", "DecodedWeight", "InputPlan", "RequantizeWarning", "find_stored_layers",
-           "decode_stored", "plan_stored_inputs", "DecodeConfig", "decode_stage", "stored_input_edits",
-           "passthrough_tensors", "FP8_DTYPES", "SCALED_FP8_MARKER"]
+           "decode_stored", "plan_stored_inputs", "DecodedView", "passthrough_tensors", "FP8_DTYPES", "SCALED_FP8_MARKER"]
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: The root key whose presence marks a legacy scaled-fp8 file (ComfyUI's ``convert_old_quants``).
@@ -253,58 +252,54 @@ def decode_stored(view, layer: StoredLayer) -> DecodedWeight:
     return DecodedWeight(weight=w, consumed=(layer.weight_key,) + layer.companions, source=layer, note=note)
 
 
-@attrs.frozen(eq=False)
-class DecodeConfig:
-    """What :func:`decode_stage` needs: the stored layer and its scale (read once, when planning)."""
+class DecodedView:
+    """A :class:`cq.model.ModelView` of an input with its stored layers decoded (see :func:`plan_stored_inputs`).
 
-    layer: StoredLayer
-    scale: torch.Tensor | None = attrs.field(default=None, repr=lambda t: "None" if t is None else f"Tensor{tuple(t.shape)}")
-
-
-def decode_stage(state, *, cfg: DecodeConfig):
-    """A model-edit stage: the state's weight holds the stored codes as floats (the runner's
-    ``tensor.float()``); replace weight and original by the decoded value, with a note."""
-    from ..state import record
-
-    w, note = _value(cfg.layer, state.weight, cfg.scale)
-    return record(state, "decode_stored", cfg, note=note, weight=w, original=w)
-
-
-def stored_input_edits(view, *, requantize_int8: bool = False):
-    """The input decoding as a model transform (``ModelView -> ModelEdits``, see :mod:`cq.model`).
-
-    Every decoded layer gets a ``decode_stored`` stage (its weight becomes ``codes · scale`` in the
-    original basis before its recipe runs, whether it is then quantized or kept). ``report["stored_inputs"]``
-    holds ``from_fp8`` (stems), ``decoded`` ({stem: note}), ``kept_int8`` (stems whose tensors are
-    copied unchanged), ``copy`` (those tensors' keys: weight, scale, ``.comfy_quant``) and ``drop``
-    (keys never to write: consumed scales, ``.comfy_quant``, the ``scaled_fp8`` marker); the
-    re-quantization warning goes to ``warnings``. Use with ``functools.partial`` for ``requantize_int8``.
+    Decoded weights read as float32 ``codes · scale`` in the original basis (so the selection, the
+    model transforms and the recipes see an ordinary float model); the companions they consumed are
+    hidden; int8 layers kept as they are keep their stored tensors.
 
     Example:
         >>> from cq.model import DictView
         >>> v = DictView({"a.weight": torch.tensor([[2.0, -4.0]]).to(torch.float8_e4m3fn),
         ...               "a.scale_weight": torch.tensor(0.25)})
-        >>> edits = stored_input_edits(v)
-        >>> edits.apply("a.weight", v.tensor("a.weight").float()).tolist(), edits.report["stored_inputs"]["drop"]
-        ([[0.5, -1.0]], ['a.scale_weight'])
+        >>> d = DecodedView(v, plan_stored_inputs(v))
+        >>> d.keys(), d.dtype("a.weight"), d.tensor("a.weight").tolist(), d.stored("a.weight").format
+        (['a.weight'], torch.float32, [[0.5, -1.0]], 'float8_e4m3fn')
     """
-    from ..model import ModelEdits
-    from ..pipeline import stage
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RequantizeWarning)
-        plan = plan_stored_inputs(view, requantize_int8=requantize_int8)
-    warned = tuple(str(w.message) for w in caught if issubclass(w.category, RequantizeWarning))
-    stages, decoded = {}, {}
-    for wkey, layer in plan.decode.items():
-        cfg = DecodeConfig(layer, _scale_of(view, layer))
-        stages[wkey] = (stage(decode_stage, cfg, name="decode_stored"),)
-        decoded[layer.stem] = _note(layer)
-    report = {"stored_inputs": {"from_fp8": list(plan.from_fp8), "decoded": decoded,
-                                "kept_int8": [l.stem for l in plan.keep.values()], "copy": list(plan.keys_to_copy()),
-                                "drop": sorted(plan.drop),
-                                "notes": [n for n in plan.notes if n not in warned]}}
-    return ModelEdits(stages=stages, warnings=warned, report=report)
+    def __init__(self, view, plan: InputPlan):
+        self.base = view
+        self.plan = plan
+        self.path = getattr(view, "path", None)
+
+    def keys(self) -> list[str]:
+        return [k for k in self.base.keys() if k not in self.plan.drop]
+
+    def __contains__(self, key: object) -> bool:
+        return key not in self.plan.drop and key in self.base
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.base.shape(key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        return torch.float32 if key in self.plan.decode else self.base.dtype(key)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        layer = self.plan.decode.get(key)
+        return self.base.tensor(key) if layer is None else decode_stored(self.base, layer).weight
+
+    def metadata(self):
+        return self.base.metadata()
+
+    def stored(self, key: str) -> StoredLayer | None:
+        """The stored layer ``key`` was decoded from, or ``None`` for an ordinary tensor."""
+        return self.plan.decode.get(key)
+
+    def note(self, key: str) -> str | None:
+        """``"decoded from …"`` for a decoded weight (the report says which layers came from fp8)."""
+        layer = self.plan.decode.get(key)
+        return None if layer is None else _note(layer)
 
 
 def passthrough_tensors(view, layer: StoredLayer) -> dict[str, torch.Tensor]:

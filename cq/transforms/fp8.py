@@ -312,5 +312,6 @@ def fp8_measure_stage(state: LayerState, tokens: int, seed: int, *, full_precisi
     from ..pipeline import stage
     from ..recipes import metrics_inputs
 
-    return stage(measure_fp8, Fp8MetricsConfig(x=metrics_inputs(state, tokens, seed),
+    x = metrics_inputs(state, tokens, seed)
+    return stage(measure_fp8, Fp8MetricsConfig(x=None if x is None else x.to(state.weight.device),
                                                 full_precision_matrix_mult=full_precision_matrix_mult))
