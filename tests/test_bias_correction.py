@@ -75,3 +75,29 @@ def test_before_rounding_is_an_error():
         bias_correction(absmax_scale(s))
     with pytest.raises(ConfigError, match="True or False"):
         BiasCorrectionConfig(w8a8="yes")
+
+
+def test_written_file_carries_the_corrected_bias_through_comfy_kitchen(tmp_path):
+    pytest.importorskip("comfy_kitchen")
+    import torch.nn.functional as F
+
+    from cq.io import layer_tensors, write_safetensors
+    from cq.io.comfy_kitchen_check import load_comfy_layers
+
+    s, x = _layer(seed=3, n=16, k=64, t=2048)
+    s = attrs.evolve(absmax_scale(convrot(s)), meta={**s.meta, "w8a8_stats": {64: activation_stats(x, groupsize=64)}})
+    q = round_to_nearest(s)
+    out = bias_correction(q)
+    paths = {}
+    for label, st in (("plain", q), ("corrected", out)):
+        paths[label] = tmp_path / f"{label}.safetensors"
+        write_safetensors(paths[label], layer_tensors(st))
+    ref = (x.to(F64) @ s.original.to(F64).T + s.bias.to(F64)).mean(0)
+    err = {}
+    for label, path in paths.items():
+        qt, bias, _ = load_comfy_layers(path, compute_dtype=torch.float32)["fc"]
+        with torch.no_grad():
+            y = F.linear(x, qt, bias)  # ComfyUI's int8 forward: ConvRot, per-token int8, int8 GEMM
+        err[label] = float((y.to(F64).mean(0) - ref).abs().max())
+    # The runtime's kernel matches cq's activation path up to float32 rescaling (~1e-6 of |y|).
+    assert err["corrected"] < 1e-5 and err["corrected"] < 0.1 * err["plain"]
