@@ -77,6 +77,7 @@ def test_before_rounding_is_an_error():
         BiasCorrectionConfig(w8a8="yes")
 
 
+@pytest.mark.slow  # ~4 s, mostly importing comfy-kitchen
 def test_written_file_carries_the_corrected_bias_through_comfy_kitchen(tmp_path):
     pytest.importorskip("comfy_kitchen")
     import torch.nn.functional as F
