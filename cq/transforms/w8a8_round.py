@@ -22,6 +22,12 @@ regularisations, mixed by :attr:`W8A8RoundConfig.mix`:
   expected gain is tiny (≤ ``d̄/λ_min``): see benchmarks/bench_quality.py for the measurement.
 * ``mix = 1``: the full empirical ``X̃ᵀX̃`` and ``X̃ᵀX`` (exact on the calibration tokens).
 
+Measured (benchmarks/bench_quality.py, held-out data): no gain. MiniLM W8A8 1 − cos 1.692e-4 →
+1.705e-4 (noise model), 1.999e-4 (full cross term); DiT-like 43.41 → 43.41 dB. In 1 − cos the W8A8
+error is the activation-only floor *plus* the weight-only error (9.88e-5 + 6.90e-5 ≈ 1.69e-4), and
+the activation error is unpredictable noise, so only the weight-only error can be lowered. Kept as
+an option, not a default.
+
 plus a ridge ``λ = ridge·mean(diag H̃)`` pulling the target back towards ``W``
 (``‖Xw − X̃ŵ‖² + λ‖w − ŵ‖²``). The statistics come from :func:`cq.calibrate.activation_update`
 (or :func:`cq.calibrate.capture` with ``w8a8=``) for the same basis the layer is rounded in.
