@@ -379,7 +379,10 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
             warnings.simplefilter("ignore", NonNativeFormatWarning)
             for p in plans:
                 if p.action in ("remove", "with_layer"):
-                    removed += p.action == "remove"
+                    if p.action == "remove":
+                        removed += 1
+                        reports.append(LayerReport(name=p.key, action="remove", reason=p.reason,
+                                                   shape=tuple(view.shape(p.key))))
                     continue
                 nbytes = loader.header.tensors[p.key].nbytes
                 if p.bias_key is not None:
@@ -406,6 +409,8 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
                             t = edits.apply(p.key, t).to(out_dtype)
                         writer.add(p.key, t)
                     kept += 1
+                    reports.append(LayerReport(name=p.key, action="keep", reason=p.reason, shape=tuple(view.shape(p.key)),
+                                               source=view.note(p.key)))
                 else:
                     t0 = time.perf_counter()
                     tensors, report, entry = convert_layer(p, view, cfg, edits, hessians, device)
@@ -425,7 +430,8 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
             if cfg.save_quant_metadata and entries:
                 writer.update_metadata({"_quantization_metadata": quantization_metadata(entries)})
     notes = list(input_notes) + list(edits.warnings)
-    odd = sorted({r.format for r in reports if r.format not in NATIVE_FORMATS and r.format != "fp16"})
+    odd = sorted({r.format for r in reports if r.action == "quantize" and r.format not in NATIVE_FORMATS
+                  and r.format != "fp16"})
     if odd:
         notes.append(f"formats {odd} need a custom node: vanilla ComfyUI cannot load them")
     if not cfg.comfy:
