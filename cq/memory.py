@@ -159,10 +159,10 @@ def _uses(plan: Any) -> tuple[bool, bool]:
 def layer_working_set(plan: Any, shape: tuple[int, ...], itemsize: int, *, metrics_tokens: int = 64) -> int:
     """Bytes one layer's conversion holds at its peak (an upper bound, measured: see benchmarks/bench_memory.py).
 
-    For an ``[N, K]`` weight stored with ``itemsize`` bytes: the input, its float32 copy and the
-    recipe's temporaries (``c·4NK`` with c = 6 for RTN, 8 with a Hessian, 16 for QuIP's padded
-    rotations), the Hessian and its float64 factorisations (``4·8K²``), the metric probes
-    (``metrics_tokens·(N+K)`` floats, three times) and 8 MiB of allocator slack.
+    For an ``[N, K]`` weight stored with ``itemsize`` bytes: the input and the recipe's copies of it
+    (6 float32 copies for round-to-nearest, 14 float64 copies with a Hessian, of the padded
+    ``[N', K']`` for rotating recipes), the Hessian and its factorisations (``6·8K'²``), the metric
+    probes (``metrics_tokens·(N+K)`` floats, three times) and 8 MiB of allocator slack.
 
     Example:
         >>> from cq.convert import LayerPlan
@@ -175,33 +175,69 @@ def layer_working_set(plan: Any, shape: tuple[int, ...], itemsize: int, *, metri
         return math.prod(shape) * itemsize * 2 + 8 * MiB
     n, k = shape
     hessian, rotates = _uses(plan)
-    c = 16 if rotates else 8 if hessian else 6
-    work = n * k * (itemsize + 4 * c)
+    pad = (lambda x: 1 << max(x - 1, 0).bit_length()) if rotates else (lambda x: x)
+    np_, kp = pad(n), pad(k)
+    work = n * k * itemsize + np_ * kp * (112 if hessian else 24)
     if hessian:
-        kp = 2 * k if rotates else k  # padded to a power of two at most doubles K
-        work += 4 * 8 * kp * kp
+        work += 6 * 8 * kp * kp
     work += 3 * 4 * metrics_tokens * (n + k)
     return int(work + 8 * MiB)
 
 
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def available_memory() -> int:
-    """Bytes the kernel says can be allocated without swapping (``MemAvailable``), or physical memory.
+    """Bytes this process can still allocate: the least of the kernel's ``MemAvailable``, the
+    address-space limit (``RLIMIT_AS``) minus what is mapped, and the cgroup's ``memory.max`` minus
+    its usage (containers, job schedulers).
 
     Example:
         >>> available_memory() > 0
         True
     """
+    limits = []
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    limits.append(int(line.split()[1]) * 1024)
     except OSError:
         pass
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - no sysconf
-        return 1 << 62
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft - (_status_bytes("VmSize") or 0))
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        pass
+    cg_max, cg_now = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if cg_max is not None and cg_now is not None:
+        limits.append(cg_max - cg_now)
+    if not limits:
+        try:
+            limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - no sysconf
+            limits.append(1 << 62)
+    return max(0, min(limits))
 
 
 @attrs.frozen(kw_only=True)
