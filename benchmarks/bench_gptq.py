@@ -109,6 +109,28 @@ def timed(fn):
     return out, time.perf_counter() - w0, time.process_time() - c0
 
 
+def layer_times(shapes, tokens: int, repeat: int) -> None:
+    """Per-layer seconds of GPTQ, LDLQ and ConvRot (+ LDLQ, cq's QuIP default) at DiT-sized shapes."""
+    from cq.transforms.convrot import ConvRotConfig, convrot
+    from cq.transforms.quip import QuIPConfig, quip_pipeline
+
+    print(f"\n# per-layer times (min of {repeat}), T = {tokens}, {torch.get_num_threads()} threads, metrics off\n")
+    print("| layer [N, K] | RTN | GPTQ | LDLQ | ConvRot rotation | ConvRot + LDLQ (QuIP default, metrics on) |")
+    print("|---|---|---|---|---|---|")
+    for n, k in shapes:
+        w, h = make_problem(n, k, tokens)
+        state = absmax_scale(LayerState.from_weight("bench", w, hessian=h), cfg=ScaleConfig(PerRow()))
+        raw = LayerState.from_weight("bench", w, hessian=h)
+        quip = quip_pipeline(QuIPConfig())
+        cases = [lambda: round_to_nearest(state),
+                 lambda: gptq_update(state, cfg=GPTQConfig(metrics=False)),
+                 lambda: ldlq(state, cfg=LDLQConfig(metrics=False)),
+                 lambda: convrot(raw, cfg=ConvRotConfig()),
+                 lambda: quip(raw)]
+        cells = [min(timed(fn)[1] for _ in range(max(1, repeat))) for fn in cases]
+        print(f"| [{n}, {k}] | " + " | ".join(f"{c:.2f} s" for c in cells) + " |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="cq GPTQ vs textbook GPTQ")
     ap.add_argument("--size", type=int, default=4096, help="N = K of the layer (default 4096)")
@@ -116,9 +138,15 @@ def main(argv=None) -> None:
     ap.add_argument("--textbook", action="store_true", help="also run the (slow) per-column rank-1 variant")
     ap.add_argument("--repeat", type=int, default=2, help="runs per row; the minimum is reported")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for every row (default: torch's)")
+    ap.add_argument("--layer-times", action="store_true",
+                    help="also time GPTQ/LDLQ/ConvRot on [3072, 3072] and [12288, 3072] layers")
+    ap.add_argument("--layer-times-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.layer_times_only:
+        layer_times([(3072, 3072), (12288, 3072)], args.tokens, args.repeat)
+        return
     n = k = args.size
     t0 = time.perf_counter()
     w, h = make_problem(n, k, args.tokens)
@@ -161,6 +189,8 @@ def main(argv=None) -> None:
         print(f"| {name} | {sec:.2f} | {cpu:.2f} | {rel:.5f} | {-20 * math.log10(rel):.1f} | {ratio} |")
     if predicted is not None:
         print(f"\nuniform-error prediction for GPTQ/LDLQ (LDL of the damped H): rel-out {predicted:.5f}")
+    if args.layer_times:
+        layer_times([(3072, 3072), (12288, 3072)], args.tokens, args.repeat)
 
 
 if __name__ == "__main__":
