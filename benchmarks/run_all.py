@@ -8,10 +8,11 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = [
-    ["bench_convert.py"],
+    ["bench_convert.py", "--repeat", "2", "--profile"],
+    ["bench_rows.py"],
     ["bench_hadamard.py"],
     ["bench_quip.py"],
-    ["bench_gptq.py", "--size", "2048", "--tokens", "4096"],
+    ["bench_gptq.py", "--size", "2048", "--tokens", "4096", "--layer-times"],
     ["bench_kernels.py"],
     ["bench_learned_round.py", "--n", "256", "--k", "512", "--iters", "100"],
     ["bench_smoothquant.py", "--hidden", "128", "--calib", "4", "--heldout", "2"],
