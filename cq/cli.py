@@ -169,6 +169,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         inp, out, cfg = build_config(values_from_cli(args, out))
         if args.dry_run:
+            unused = [f for f, v in (("--report-json", args.report_json), ("--report-html", args.report_html)) if v]
+            if unused:  # never silent: a dry run converts nothing, so there is no report to write
+                print(f"warning: {' and '.join(unused)} not written: --dry-run converts nothing", file=sys.stderr)
             return _dry_run(args.dry_run, inp, cfg)
         from .io import UnifiedSafetensorsLoader
         from .selection import SelectionConfig, iter_decisions

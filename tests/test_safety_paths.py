@@ -191,3 +191,9 @@ def test_ctrl_c_while_torch_imports_prints_one_line(model):
     out, err = proc.communicate(timeout=120)
     assert err == "cq: interrupted; no output was written\n" and out == ""
     assert proc.returncode in (-signal.SIGINT, 130)
+
+
+def test_report_flags_under_dry_run_are_not_silently_ignored(model, tmp_path, capsys):
+    rc, out, err = _cli(capsys, "-i", model, "--dry-run", "--report-json", tmp_path / "r.json")
+    assert rc == 0 and "warning: --report-json not written: --dry-run converts nothing" in err
+    assert not (tmp_path / "r.json").exists()
