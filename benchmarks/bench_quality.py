@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,9 +163,12 @@ def _groupsize_rot(k):
 # ---------------------------------------------------------------------------------------------- MiniLM
 
 
-def run_minilm(recipes, *, calib_n=None):
+def run_minilm(recipes, *, calib_n=None, swap=False):
     import minilm_gptq as M
 
+    if swap:  # calibrate on the 32 held-out sentences, judge on the 64 calibration ones
+        M = types.SimpleNamespace(**{k: getattr(M, k) for k in ("load_model", "embed", "_linears", "W8A8Linear")},
+                                  CALIBRATION_SENTENCES=M.HELDOUT_SENTENCES, HELDOUT_SENTENCES=M.CALIBRATION_SENTENCES)
     tokenizer, model = M.load_model()
     calib = M.CALIBRATION_SENTENCES[:calib_n] if calib_n else M.CALIBRATION_SENTENCES
     batches = [tokenizer(calib[i:i + 16], padding=True, truncation=True, return_tensors="pt")
@@ -285,6 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                     help="comma-separated (default: the table's rows), from: " + ", ".join(RECIPES))
     ap.add_argument("--tokens", type=int, default=2048, help="DiT-like calibration (= held-out) tokens per layer")
+    ap.add_argument("--swap", action="store_true",
+                    help="MiniLM: calibrate on the held-out sentences and judge on the calibration ones")
     args = ap.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]
@@ -292,7 +298,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
     torch.manual_seed(0)
     if args.only in (None, "minilm"):
-        res = run_minilm(recipes)
+        res = run_minilm(recipes, swap=args.swap)
         print(f"\nMiniLM-L6: {res['layers']} Linears, calibrated on {res['calib']} sentences (capture with W8A8 "
               f"statistics {res['capture_s']:.1f} s), mean 1 − cos on held-out sentences\n")
         floor = next(r["w8a8"] for r in res["rows"] if r["recipe"] == "floor (ConvRot)")
