@@ -456,13 +456,14 @@ def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConf
         device = _rank_device(cfg, group)
         work = work_dir_for(output_file)
         with UnifiedSafetensorsLoader(input_file, low_memory=True) as header_only:
+            # Planned from the header alone: the budget is checked before the tier's loader reads anything.
             header = header_only.header
-        plans = None
+            plans = plan_model(LoaderView(header_only), cfg, plan=plan)
+            budget = plan_budget(plans, header, policy, metrics_tokens=cfg.metrics_tokens)
+            policy = budget.policy  # "auto" resolved
+            log.debug("%s", budget.describe())
         with UnifiedSafetensorsLoader(input_file, low_memory=not policy.preload) as loader:
             view = LoaderView(loader)
-            plans = plan_model(view, cfg, plan=plan)
-            budget = plan_budget(plans, header, policy, metrics_tokens=cfg.metrics_tokens)
-            log.debug("%s", budget.describe())
             edits = run_model_transforms(view, model_transforms_for(cfg) + tuple(model_transforms))
             if group.rank == 0:
                 for w in edits.warnings:

@@ -1,0 +1,148 @@
+"""Memory tiers: the budget table, threshold keys, device routing, and a run inside a memory limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cq.config import ConvertConfig
+from cq.convert import LayerPlan, plan_model
+from cq.errors import ConfigError
+from cq.io import read_header, write_safetensors
+from cq.memory import (MiB, THRESHOLD_KEYS, TIERS, available_memory, layer_device, layer_working_set, memory_policy,
+                       plan_budget, policy_for_config)
+from cq.model import DictView
+from cq.recipes import GPTQ, RTN, QuIP
+from cq.transforms.quip import quip_config_from_legacy
+
+
+def test_tiers_carry_the_reference_thresholds_and_shrink_in_order():
+    assert TIERS["balanced"][2] == {"hadamard_elements": 100e6, "hessian_dim": 24576, "ldlq_dim": 49152,
+                                    "ortho_dim": 12288}
+    order = ["off", "minimal", "balanced", "aggressive"]
+    for key in THRESHOLD_KEYS:
+        values = [TIERS[t][2][key] for t in order]
+        assert values == sorted(values, reverse=True)
+    assert [TIERS[t][1] for t in order[1:]] == sorted((TIERS[t][1] for t in order[1:]), reverse=True)
+
+
+def test_policy_options():
+    p = memory_policy("minimal", streaming_thresholds={"ldlq_dim": 100, "hessian_dim": None})
+    assert p.thresholds["ldlq_dim"] == 100 and p.thresholds["hessian_dim"] == 32768 and p.explicit == ("ldlq_dim",)
+    assert memory_policy("off", low_memory=True).read_ahead_bytes == 0
+    assert policy_for_config(ConvertConfig()).tier == "off"
+    with pytest.raises(ConfigError, match="streaming_mode='fast'"):
+        memory_policy("fast")
+    with pytest.raises(ConfigError, match=r"hadamard_elements.*must be a positive number"):
+        memory_policy(streaming_thresholds={"hadamard_elements": -1})
+    with pytest.raises(ConfigError, match="must be a dict"):
+        memory_policy(streaming_thresholds=[("ldlq_dim", 1)])
+
+
+def test_thresholds_send_large_layers_of_a_cuda_run_to_the_cpu_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    p = LayerPlan(key="a.weight", action="quantize", recipe=GPTQ())
+    tight = memory_policy("balanced", streaming_thresholds={"hessian_dim": 1000})
+    assert layer_device(p, (64, 1001), cuda, tight) == cpu
+    assert layer_device(p, (64, 1000), cuda, tight) == cuda
+    assert layer_device(p.with_recipe(RTN()), (64, 10 ** 6), cuda, tight) == cuda  # no Hessian step
+    assert layer_device(p, (64, 10 ** 6), cpu, tight) == cpu
+    quip = p.with_recipe(QuIP(quip_config_from_legacy()))
+    small_h = memory_policy("balanced", streaming_thresholds={"hadamard_elements": 4096})
+    assert layer_device(quip, (64, 65), cuda, small_h) == cpu  # padded 64 x 128 > 4096
+    assert layer_device(quip, (64, 64), cuda, small_h) == cuda
+
+
+def _header(tmp_path, tensors):
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, tensors)
+    return read_header(path)
+
+
+def test_budget_sums_the_stated_terms_and_auto_picks_what_fits(tmp_path):
+    t = {f"l{i}.weight": torch.randn(256, 256) for i in range(4)}
+    h = _header(tmp_path, t)
+    plans = plan_model(DictView(t), ConvertConfig())
+    layer = layer_working_set(plans[0], (256, 256), 4)
+    b = plan_budget(plans, h, memory_policy("balanced"), available=1 << 40)
+    assert (b.input_bytes, b.read_ahead_bytes, b.layer_bytes) == (0, 256 * MiB, layer)
+    assert plan_budget(plans, h, memory_policy("off"), available=1 << 40).input_bytes == 4 * 256 * 256 * 4
+    assert plan_budget(plans, h, memory_policy("auto"), available=1 << 40).policy.tier == "off"
+    assert plan_budget(plans, h, memory_policy("auto"), available=2 * layer + MiB).policy.tier == "aggressive"
+    with pytest.raises(ConfigError, match="use streaming_mode='aggressive'"):
+        plan_budget(plans, h, memory_policy("balanced"), available=layer + MiB)
+    with pytest.raises(ConfigError, match="no tier fits: layer l0.weight alone needs"):
+        plan_budget(plans, h, memory_policy("aggressive"), available=layer // 2)
+
+
+def test_hessian_recipes_need_more_than_rounding():
+    p = LayerPlan(key="a.weight", action="quantize", recipe=RTN())
+    rtn = layer_working_set(p, (512, 512), 2)
+    assert layer_working_set(p.with_recipe(GPTQ()), (512, 512), 2) > rtn
+    assert layer_working_set(p, (512, 1024), 2) > rtn
+    assert available_memory() > 0
+
+
+CHILD = r"""
+import filecmp, json, os, resource, sys, torch
+from cq.config import ConvertConfig
+from cq.convert import convert_file
+from cq.distributed import convert_file_distributed
+from cq.errors import ConfigError
+from cq.memory import memory_policy
+src, out, limit_mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = ConvertConfig(device="cpu", low_memory=True)
+convert_file_distributed(src, out + ".warm", cfg)  # lazy imports and first-use allocations, before the limit
+os.remove(out + ".warm")
+
+def vm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+
+resource.setrlimit(resource.RLIMIT_AS, (vm() + limit_mib * 2**20, resource.RLIM_INFINITY))
+result = {}
+try:
+    convert_file_distributed(src, out, cfg, memory=memory_policy("off"))
+    result["off"] = "ran"
+except ConfigError as e:
+    result["off"] = str(e)
+convert_file_distributed(src, out, cfg, memory=memory_policy("aggressive"))
+result["aggressive"] = os.path.getsize(out)
+convert_file(src, out + ".single", cfg)  # the single-process runner streams within the same limit
+result["same"] = filecmp.cmp(out, out + ".single", shallow=False)  # 8 KiB at a time
+try:
+    torch.empty(limit_mib * 2**20, dtype=torch.uint8)  # the limit is real: the model does not fit
+    result["whole"] = "allocated"
+except (RuntimeError, MemoryError):
+    result["whole"] = "refused"
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_a_model_larger_than_the_memory_limit_converts_within_the_aggressive_budget(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"blocks.{i}.fc.weight": (torch.randn(1024, 1024, generator=g) * 0.02).to(torch.bfloat16)
+               for i in range(64)}
+    src = tmp_path / "m.safetensors"
+    write_safetensors(src, tensors)
+    plans = plan_model(DictView({k: tensors[k] for k in list(tensors)[:1]}), ConvertConfig())
+    budget = layer_working_set(plans[0], (1024, 1024), 2)
+    limit_mib = budget // MiB + 16  # the budget and a little for the interpreter's own allocations
+    assert src.stat().st_size > 2 * limit_mib * MiB  # the model is more than twice the limit
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "out.safetensors"), str(limit_mib)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "streaming_mode='off'" in result["off"] and "use streaming_mode='aggressive'" in result["off"]
+    assert result["aggressive"] > 64 * 1024 * 1024 and result["same"] is True
+    assert result["whole"] == "refused"
