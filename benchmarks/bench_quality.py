@@ -105,6 +105,8 @@ def _kt_damp(s, c):
 DENSE_GRID = tuple(round(1 - 0.0025 * i, 4) for i in range(20)) + (0.93, 0.9, 0.85, 0.8)
 RECIPES["convrot_rtn+search20"] = lambda s: scale_search(absmax_scale(_rot(LayerState.from_weight(
     s.name, s.weight, bias=s.bias, meta=s.meta)), cfg=ROW), cfg=ScaleSearchConfig(grid=DENSE_GRID))
+RECIPES["quip@s0.3+search"] = lambda s: scale_search(absmax_scale(_rot(_shrunk(s, 0.3)), cfg=ROW),
+                                                     cfg=ScaleSearchConfig(rounder=LDLQ_ACT))
 RECIPES["rtn+search"] = lambda s: scale_search(absmax_scale(LayerState.from_weight(
     s.name, s.weight, bias=s.bias, meta=s.meta), cfg=ROW), cfg=ScaleSearchConfig())
 RECIPES["gptq@s0.3"] = lambda s: gptq_update(absmax_scale(_shrunk(s, 0.3), cfg=ROW), cfg=GPTQConfig())
