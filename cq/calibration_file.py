@@ -443,34 +443,36 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 # ---------------------------------------------------------------------------------------------
 
 
+def layer_data(calibration: Calibration, layer: str, k: int, *, hessian: bool = True):
+    """Everything ``calibration`` holds for ``layer`` (in_features ``k``) as a :class:`~cq.transforms.attach.LayerData`.
+
+    ``hessian=False`` skips reading the Hessian (recipes that only use the statistics).
+    """
+    from .transforms.attach import LayerData
+
+    h = calibration.hessian(layer, k=k) if hessian else None
+    stats = {"input_absmax": calibration.input_absmax(layer), "input_mean": calibration.input_mean(layer),
+             "samples": calibration.layer_samples(layer)}
+    stats = {key: v for key, v in stats.items() if v is not None}
+    w8a8 = calibration.w8a8_stats(layer) if calibration.kind == "cq" else {}
+    note = None
+    if hessian and h is None:
+        note = f"calibration: no Hessian for {layer} in {calibration.path.name}; H = I (round-to-nearest quality)"
+    return LayerData(hessian=h, stats=stats, w8a8=w8a8, note=note)
+
+
 def attach_calibration(state: LayerState, calibration: Calibration, *, layer: str | None = None) -> LayerState:
     """Give ``state`` its Hessian (and input statistics) from ``calibration``.
 
     ``layer`` defaults to ``state.name``. A layer the file lacks keeps ``hessian=None`` with a
-    note (GPTQ/LDLQ then use ``H = I``). Input statistics go to ``meta["calibration"]``. Attach
-    before any rotation stage: the file holds original-basis statistics.
+    note (GPTQ/LDLQ then use ``H = I``). Input statistics go to ``meta["calibration"]``, ComfyUI
+    activation-path statistics to ``meta["w8a8_stats"]``. Attach before any rotation stage: the
+    file holds original-basis statistics. (The same :func:`~cq.transforms.attach.attach_data` stage
+    the file runner uses.)
     """
-    layer = layer or state.name
-    # The reference's files give the diagonal Hessian of their channel statistics (issue 8.7).
-    h = calibration.hessian(layer, k=state.shape[1])
-    stats = {"input_absmax": calibration.input_absmax(layer), "input_mean": calibration.input_mean(layer),
-             "samples": calibration.layer_samples(layer)}
-    stats = {k: v for k, v in stats.items() if v is not None}
-    meta = {"calibration": stats} if stats else None
-    w8a8 = calibration.w8a8_stats(layer) if calibration.kind == "cq" else {}
-    if w8a8:  # ComfyUI activation-path statistics per basis (W8A8-aware rounding, bias correction)
-        meta = {**(meta or {}), "w8a8_stats": w8a8}
-    if h is None:
-        return record(state, "attach_calibration", None, meta=meta,
-                      note=f"calibration: no Hessian for {layer} in {calibration.path.name}; H = I")
-    k = state.shape[1]
-    if tuple(h.shape) != (k, k):
-        raise InputError(f"{state.name}: the calibration Hessian of {layer} is {list(h.shape)}, the weight has "
-                         f"in_features={k}; the file was captured from a different model")
-    if state.basis is not None:
-        raise InputError(f"{state.name}: attach the calibration before rotating the layer (the file holds "
-                         "original-basis Hessians)")
-    return record(state, "attach_calibration", None, meta=meta, hessian=h)
+    from .transforms.attach import attach_data
+
+    return attach_data(state, cfg=layer_data(calibration, layer or state.name, state.shape[1]))
 
 
 def synthetic_hessian(k: int, *, samples: int, seed: int, lora_rows: torch.Tensor | None = None) -> torch.Tensor:

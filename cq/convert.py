@@ -8,7 +8,7 @@ Who does what:
   ``plan=`` function may rewrite any plan.
 * Model transforms (:mod:`cq.model`: LoRA merging, smoothing folds, your own) see the whole model
   lazily and return per-tensor edit stages.
-* :func:`layer_pipeline` composes a layer's stages: edits → Hessian attach → recipe → measure.
+* :func:`layer_pipeline` composes a layer's stages: edits → calibration attach → recipe → measure.
 * :func:`convert_file` streams the file: one tensor in memory at a time, moved to the run's device
   for its pipeline and back, written through the atomic writer (no output survives a failure).
 
@@ -40,7 +40,7 @@ from .pipeline import Pipeline, pipeline, stage
 from .recipes import FP8, FP16, Recipe, measure_stage, recipe_info, recipe_pipeline, with_granularity
 from .report import ConversionReport, LayerReport
 from .state import LayerState
-from .transforms.attach import HessianInput, attach_hessian
+from .transforms.attach import LayerData, attach_data
 
 __all__ = ["convert_file", "convert_layer", "LayerPlan", "plan_model", "layer_pipeline", "HessianSource", "ProgressFn",
            "model_transforms_for"]
@@ -152,7 +152,7 @@ def plan_model(view: ModelView, cfg: ConvertConfig, *,
 
 
 class HessianSource:
-    """Where each layer's Hessian comes from: a calibration file, the synthetic mode, or nowhere (H = I)."""
+    """Each layer's calibration data: a calibration file, the synthetic mode, or nothing (H = I)."""
 
     def __init__(self, cfg: ConvertConfig, view: ModelView | None = None):
         self.cfg = cfg
@@ -171,18 +171,16 @@ class HessianSource:
                 log.warning("warning: calibration LoRA %s matches no layer of the model; synthetic Hessians are "
                             "plain Gaussian", cfg.calibration_lora_path)
 
-    def __call__(self, plan: LayerPlan, k: int) -> HessianInput | None:
-        """The attach config for ``plan``'s layer, or ``None`` when its recipe uses no Hessian."""
-        if isinstance(plan.recipe, Pipeline) or not recipe_info(plan.recipe).uses_hessian:
-            return None
-        stem = plan.stem
+    def __call__(self, plan: LayerPlan, k: int) -> LayerData | None:
+        """The ``attach_data`` config for ``plan``'s layer, or ``None`` when there is nothing to attach."""
+        wants_h = not isinstance(plan.recipe, Pipeline) and recipe_info(plan.recipe).uses_hessian
         if self.calibration is not None:
-            h = self.calibration.hessian(stem)
-            if h is not None:
-                return HessianInput(h, source="calibration")
-            if not self.cfg.synthetic_calibration:
-                return HessianInput(None, note="no calibration entry for this layer: H = I (round-to-nearest quality)")
-        if not self.cfg.synthetic_calibration:
+            from .calibration_file import layer_data
+
+            data = layer_data(self.calibration, plan.stem, k, hessian=wants_h)
+            if data.hessian is not None or not wants_h or not self.cfg.synthetic_calibration:
+                return data
+        if not wants_h or not self.cfg.synthetic_calibration:
             return None  # no data at all: GPTQ/LDLQ say "H = I" themselves
         from .calibration_file import synthetic_hessian
 
@@ -191,10 +189,10 @@ class HessianSource:
         if rows is not None and rows.shape[-1] == k:
             # Layer-specific: the LoRA's rows of *this* layer shape its Hessian (never shared by width).
             h = synthetic_hessian(k, samples=self.cfg.calib_samples, seed=self.cfg.seed, lora_rows=rows)
-            return HessianInput(h, note=note + ", shaped by its calibration-LoRA rows", source="synthetic")
+            return LayerData(h, note=note + ", shaped by its calibration-LoRA rows", source="synthetic")
         if k not in self._gaussian:
             self._gaussian[k] = synthetic_hessian(k, samples=self.cfg.calib_samples, seed=self.cfg.seed)
-        return HessianInput(self._gaussian[k], note=note, source="synthetic")
+        return LayerData(self._gaussian[k], note=note, source="synthetic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,15 +200,15 @@ class HessianSource:
 
 
 def layer_pipeline(plan: LayerPlan, cfg: ConvertConfig, *, edits: ModelEdits = ModelEdits(),
-                   hessian: HessianInput | None = None, measure_on: LayerState | None = None) -> Pipeline:
-    """A quantized layer's stages: model edits → Hessian attach → recipe → measure.
+                   data: LayerData | None = None, measure_on: LayerState | None = None) -> Pipeline:
+    """A quantized layer's stages: model edits → calibration attach → recipe → measure.
 
     ``measure_on`` is the state the metric inputs are drawn for (they depend on its Hessian); without
     it the pipeline has no measure stage.
     """
     head = list(edits.stages.get(plan.key, ()))
-    if hessian is not None:
-        head.append(stage(attach_hessian, hessian))
+    if data is not None:
+        head.append(stage(attach_data, data))
     body = recipe_pipeline(plan.recipe, backend=cfg.backend)
     pipe = pipeline(*head).then(*body.stages)
     if measure_on is not None:
@@ -242,11 +240,11 @@ def convert_layer(plan: LayerPlan, view: ModelView, cfg: ConvertConfig, edits: M
         b = view.tensor(plan.bias_key)
         bias_dtype = b.dtype
         bias = edits.apply(plan.bias_key, b)
-    h_in = hessians(plan, w.shape[1])
+    data = hessians(plan, w.shape[1])
     state = LayerState.from_weight(stem, w.to(torch.float32), bias=bias).to(device)
     # The metric inputs depend on the Hessian the layer will see; draw them from the attached one.
-    probe = state if h_in is None or h_in.hessian is None else attach_hessian(state, cfg=h_in)
-    out = layer_pipeline(plan, cfg, edits=edits, hessian=h_in, measure_on=probe)(state).to("cpu")
+    probe = state if data is None or data.hessian is None else attach_data(state, cfg=data)
+    out = layer_pipeline(plan, cfg, edits=edits, data=data, measure_on=probe)(state).to("cpu")
     if out.bias is not None and bias_dtype is not None:
         out = attrs.evolve(out, bias=out.bias.to(bias_dtype))
     tensors = layer_tensors(out, comfy=cfg.comfy, legacy_axiswise=cfg.legacy_axiswise,

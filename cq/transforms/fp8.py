@@ -149,7 +149,7 @@ def fp8_input_scale(state: LayerState, *, cfg: Fp8Config = Fp8Config(input_scale
     """
     if not cfg.input_scale:
         return state
-    absmax = state.meta.get("input_absmax")
+    absmax = state.meta.get("input_absmax", (state.meta.get("calibration") or {}).get("input_absmax"))
     if absmax is None:
         msg = (f"{state.name}: no calibration absmax for a static FP8 input_scale; the layer keeps ComfyUI's "
                "dynamic per-call activation scale (pass calibration data, or drop input_scale)")
