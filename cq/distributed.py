@@ -47,7 +47,7 @@ import torch
 
 from .config import ConvertConfig, resolve_device
 from .errors import CqError, InputError
-from .memory import MemoryPolicy, layer_device, plan_budget, policy_for_config
+from .memory import MemoryPolicy, layer_device, plan_budget, policy_for_config, warn_unused_thresholds
 
 __all__ = ["convert_file_distributed", "layer_cost", "assign_layers", "run_fingerprint", "work_dir_for",
            "world_size", "WORK_SUFFIX"]
@@ -454,6 +454,8 @@ def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConf
     group = _Group()
     try:
         device = _rank_device(cfg, group)
+        if group.rank == 0:
+            warn_unused_thresholds(policy, device)
         work = work_dir_for(output_file)
         with UnifiedSafetensorsLoader(input_file, low_memory=True) as header_only:
             # Planned from the header alone: the budget is checked before the tier's loader reads anything.

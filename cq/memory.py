@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import types
+import warnings
 from typing import Any, Mapping
 
 import attrs
@@ -42,7 +43,8 @@ import torch
 from .errors import ConfigError
 
 __all__ = ["MemoryPolicy", "MemoryBudget", "memory_policy", "policy_for_config", "layer_working_set",
-           "plan_budget", "available_memory", "layer_device", "TIERS", "THRESHOLD_KEYS", "STREAMING_MODES"]
+           "plan_budget", "available_memory", "layer_device", "warn_unused_thresholds", "TIERS", "THRESHOLD_KEYS",
+           "STREAMING_MODES"]
 
 log = logging.getLogger("cq.memory")
 
@@ -344,3 +346,20 @@ def layer_device(plan: Any, shape: tuple[int, ...], device: torch.device, policy
     over = (hessian and (k > t["hessian_dim"] or k > t["ldlq_dim"])) or (
         rotates and pad(n) * pad(k) > t["hadamard_elements"])
     return torch.device("cpu") if over else device
+
+
+def warn_unused_thresholds(policy: MemoryPolicy, device: torch.device) -> None:
+    """Warn when ``streaming_thresholds`` were set but the run computes on the CPU (nothing to offload).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     warn_unused_thresholds(memory_policy(streaming_thresholds={"ldlq_dim": 8}), torch.device("cpu"))
+        >>> "no effect" in str(w[0].message)
+        True
+    """
+    if policy.explicit and device.type != "cuda":
+        warnings.warn(f"streaming_thresholds {sorted(policy.explicit)} have no effect: they move layers from a GPU "
+                      f"to the CPU, and this run computes on {device}; drop them or use --device cuda",
+                      UserWarning, stacklevel=3)

@@ -146,3 +146,13 @@ def test_a_model_larger_than_the_memory_limit_converts_within_the_aggressive_bud
     assert "streaming_mode='off'" in result["off"] and "use streaming_mode='aggressive'" in result["off"]
     assert result["aggressive"] > 64 * 1024 * 1024 and result["same"] is True
     assert result["whole"] == "refused"
+
+
+def test_thresholds_on_a_cpu_run_warn(tmp_path):
+    from cq.distributed import convert_file_distributed
+
+    src = tmp_path / "m.safetensors"
+    write_safetensors(src, {"a.weight": torch.randn(32, 32)})
+    with pytest.warns(UserWarning, match=r"\['hessian_dim'\] have no effect"):
+        convert_file_distributed(src, tmp_path / "o.safetensors", ConvertConfig(device="cpu"),
+                                 memory=memory_policy("balanced", streaming_thresholds={"hessian_dim": 64}))
