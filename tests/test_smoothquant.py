@@ -241,3 +241,14 @@ def test_wide_consumers_use_the_diagonal_and_a_row_subset_and_still_fold_exactly
     sd2 = apply_all(edits, sd)
     img, txt, vec = random_inputs(H, seed=13)
     assert rel(forward(sd2, img, txt, vec), forward(sd, img, txt, vec)) < 1e-12
+
+
+def test_consumer_w8a8_statistics_are_dropped_with_a_note(flux):
+    sd, stats = flux
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats))
+    from cq.state import LayerState
+    key = "final_layer.linear.weight"
+    st = LayerState.from_weight(key, sd[key], meta={"w8a8_stats": {0: object()}, "other": 1})
+    out = edits.apply_state(st, key)
+    assert "w8a8_stats" not in out.meta and out.meta["other"] == 1
+    assert any("recapture calibration" in n for n in out.notes)

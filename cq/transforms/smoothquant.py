@@ -472,7 +472,15 @@ def _scale_columns(state: LayerState, *, cfg) -> LayerState:
         inv[start:stop] = 1 / s
         changes["hessian"] = (state.hessian.to(torch.float64) * inv.view(-1, 1) * inv.view(1, -1)).to(
             state.hessian.dtype)
-    return record(state, "smooth_scale_columns", None, weight=w, original=w, **changes)
+    if not state.meta.get("w8a8_stats"):
+        return record(state, "smooth_scale_columns", None, weight=w, original=w, **changes)
+    # Per-token int8 rounding is not linear: statistics of the old inputs' round trip say nothing
+    # exact about the smoothed inputs' one. Drop them rather than let w8a8_round use them.
+    out = record(state, "smooth_scale_columns", None, weight=w, original=w,
+                 note="smoothquant: dropped the W8A8 activation statistics of this layer (they describe the "
+                      "unsmoothed inputs); recapture calibration on the smoothed model for W8A8-aware rounding",
+                 **changes)
+    return attrs.evolve(out, meta={k: v for k, v in out.meta.items() if k != "w8a8_stats"})
 
 
 def _fold_edits(fold: Fold, s: torch.Tensor) -> ModelEdits:
