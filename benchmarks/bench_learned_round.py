@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 from cq.state import LayerState, PerRow
 from cq.synthetic import outlier_layer

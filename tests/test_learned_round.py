@@ -5,7 +5,7 @@ import torch
 
 from cq.converters.learned_rounding import LearnedRoundingConverter, learned_round_config_from_legacy
 from cq.errors import ConfigError
-from cq.state import LayerState, PerBlock, PerRow, PerTensor
+from cq.state import LayerState, PerRow
 from cq.synthetic import outlier_layer
 from cq.transforms import ScaleConfig, absmax_scale, rel_output_error, round_to_nearest
 from cq.transforms.learned_round import LearnedRoundConfig, learned_round, learned_round_pipeline, svd_subspace
