@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 
-
 from cq.state import LayerState, PerRow
 from cq.synthetic import outlier_layer
 from cq.transforms import ScaleConfig, absmax_scale, rel_output_error, round_to_nearest
