@@ -458,6 +458,9 @@ def layer_data(calibration: Calibration, layer: str, k: int, *, hessian: bool = 
     note = None
     if hessian and h is None:
         note = f"calibration: no Hessian for {layer} in {calibration.path.name}; H = I (round-to-nearest quality)"
+    elif hessian and calibration.hessian_kind(layer) == "diagonal":  # say what the reference's file gives
+        note = (f"calibration: diagonal Hessian from the channel statistics in {calibration.path.name} "
+                "(no cross-channel terms)")
     return LayerData(hessian=h, stats=stats, w8a8=w8a8, note=note)
 
 

@@ -98,7 +98,8 @@ def test_a_reference_json_entry_is_used_not_reported_missing(model, tmp_path):
     cal.write_text(json.dumps({"blk.fc": {"channel_max": [1.0 + i for i in range(64)]}}))
     report = _convert(model, tmp_path / "o.safetensors", cal)
     notes = [n for r in report.layers for n in r.notes] + list(report.notes)
-    assert not any("no calibration entry" in n for n in notes)
+    assert not any("no calibration entry" in n or "no Hessian" in n for n in notes)
+    assert any("diagonal Hessian from the channel statistics in cal.json" in n for n in notes)
     assert "rel_out_h" in report.quantized[0].metrics  # measured on diag(channel_max²)
 
 
