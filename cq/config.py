@@ -127,6 +127,7 @@ class ConvertConfig:
     requantize_int8: bool = False  # re-quantize layers that are already ComfyUI int8 (default: copy them)
     auto_preset: bool = True  # apply the preset of the detected architecture when no preset was chosen
     fp8_input_scale: bool = False  # FP8 layers also get a static input_scale from the calibration absmax
+    bias_correction: bool = False  # fold the expected output error (calibration means) into existing biases
     # run
     seed: int = 0
     metrics_tokens: int = attrs.field(default=64, validator=attrs.validators.ge(0))
@@ -151,6 +152,9 @@ class ConvertConfig:
         if self.calibration_lora_path and not self.synthetic_calibration and not self.calibration_path:
             raise ConfigError("calibration_lora_path only shapes the synthetic Hessians; set synthetic_calibration "
                               "(the facade does when an optimizer is gptq/quip) or drop it")
+        if self.bias_correction and not self.calibration_path:
+            raise ConfigError("bias_correction needs calibration data with input means (a cq calibration file); "
+                              "without data a correction would be noise. Pass calibration_path or drop it")
         if self.fp8_input_scale and not self.calibration_path:
             raise ConfigError("fp8_input_scale needs calibration data (its input absmax); pass calibration_path "
                               "(--calibration-data) or drop the option")

@@ -211,6 +211,10 @@ def layer_pipeline(plan: LayerPlan, cfg: ConvertConfig, *, edits: ModelEdits = M
         head.append(stage(attach_data, data))
     body = recipe_pipeline(plan.recipe, backend=cfg.backend)
     pipe = pipeline(*head).then(*body.stages)
+    if cfg.bias_correction and not isinstance(plan.recipe, (FP16, FP8)):
+        from .transforms.bias_correction import BiasCorrectionConfig, bias_correction
+
+        pipe = pipe.then(stage(bias_correction, BiasCorrectionConfig()))
     if measure_on is not None:
         info = None if isinstance(plan.recipe, Pipeline) else recipe_info(plan.recipe)
         tokens = cfg.metrics_tokens if info is None or info.quantized else 0

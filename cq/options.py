@@ -191,6 +191,12 @@ OPTIONS: tuple[Option, ...] = (
                                            "(int8_blockwise tiles, custom nodes only)"),
     _opt("block_size", "recipe.block_size", None, "--block_size", facade="kwarg", group="output format", type=int,
          help="tile size for --scaling_mode block (128), or the group of --quip-requant-scheme block"),
+    _opt("hessian_shrink", "recipe.hessian_shrink", None, "--hessian-shrink", facade="kwarg", group="rounding",
+         type=float, help="GPTQ/QuIP: shrink the calibration Hessian toward its diagonal by this weight (default "
+                          "0.3, measured better on held-out data; 0: the published algorithms)"),
+    _opt("bias_correction", "config.bias_correction", False, "--bias-correction", facade="kwarg", group="rounding",
+         action="store_true", help="fold each layer's expected output error into its existing bias (needs "
+                                   "--calibration-data with input means; layers without a bias are left alone)"),
     _opt("fp8", "selection.fp8", False, "--fp8", facade="kwarg", group="output format", action="store_true",
          help="store eligible weights as ComfyUI float8_e4m3fn (per-tensor scale; Ada/Hopper) instead of INT8; "
               "per layer: \"format\": \"float8_e4m3fn\" in --layer-config"),
@@ -289,6 +295,10 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
         raise NotImplementedError(f"optimizer: {_LEARNED} (optimizer={optimizer!r}) is not implemented in cq yet; "
                                   "use optimizer='gptq' or 'quip' with calibration data")
     mode, block_size = r.get("scaling_mode"), r.get("block_size")
+    shrink = r.get("hessian_shrink")
+    if shrink is not None and optimizer not in ("gptq", "quip"):
+        raise ConfigError(f"hessian_shrink={shrink} shapes the calibration Hessian of GPTQ/QuIP; optimizer={optimizer!r} "
+                          "uses none. Drop it or choose optimizer 'gptq'/'quip'")
     requant_block = optimizer == "quip" and groups["quip"].get("requant_scheme") == "block"
     if block_size is not None and mode != "block" and not requant_block:
         raise ConfigError(f"block_size={block_size} only applies to scaling_mode='block' (or QuIP's "
@@ -304,6 +314,8 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
                               f"scaling_mode={mode!r} cannot apply. Drop scaling_mode, or use optimizer 'gptq'/'rtn'")
         q = {k: v for k, v in groups["quip"].items() if v is not None}
         recipe = QuIP(quip_config_from_legacy(block_size=int(block_size or 128), **q))
+        if shrink is not None:
+            recipe = QuIP(attrs.evolve(recipe.quip, hessian_shrink=float(shrink)))
         if q.get("seed") is not None and recipe.quip.resolved_output == "convrot":
             raise ConfigError(f"quip_seed={q['seed']} seeds QuIP's two-sided transform, which the ComfyUI-native "
                               "ConvRot output does not use (its rotation is fixed); drop quip_seed, or pick the "
@@ -316,7 +328,8 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
             warnings.warn("gptq_turbo: cq has no Triton GPTQ kernel; running the torch implementation",
                           UserWarning, stacklevel=3)
         recipe = GPTQ(granularity_for(mode, block_size),
-                      GPTQConfig(**{k: bool(v) for k, v in g.items() if v is not None}))
+                      GPTQConfig(**{k: bool(v) for k, v in g.items() if v is not None}),
+                      **({} if shrink is None else {"hessian_shrink": float(shrink)}))
     else:
         recipe = RTN(granularity_for(mode, block_size))
     fields["recipe"] = recipe

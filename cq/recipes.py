@@ -54,10 +54,20 @@ class RTN:
 
 @attrs.frozen
 class GPTQ:
-    """GPTQ with the layer's calibration Hessian (round-to-nearest quality without one)."""
+    """GPTQ with the layer's calibration Hessian (round-to-nearest quality without one).
+
+    ``hessian_shrink``: ``β`` of ``(1 − β)·H + β·diag(H)`` first (0.3: measured better on held-out
+    inputs; 0: GPTQ as published).
+    """
 
     granularity: Granularity = attrs.field(default=PerRow(), validator=_granularity)
     gptq: GPTQConfig = attrs.field(factory=GPTQConfig, validator=attrs.validators.instance_of(GPTQConfig))
+    hessian_shrink: float = attrs.field(default=0.3)
+
+    @hessian_shrink.validator
+    def _shrink(self, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"GPTQ.hessian_shrink={value!r} must be a number in [0, 1] (0: GPTQ as published)")
 
 
 @attrs.frozen
@@ -150,7 +160,7 @@ def recipe_pipeline(recipe: Recipe | Pipeline, *, backend: Backend | str = Backe
         >>> recipe_pipeline(RTN()).names
         ('check_finite', 'absmax_scale', 'round_to_nearest')
         >>> recipe_pipeline(QuIP()).names
-        ('check_finite', 'convrot', 'scale', 'ldlq')
+        ('check_finite', 'shrink_hessian', 'convrot', 'scale', 'scale_search', 'ldlq')
     """
     if isinstance(recipe, Pipeline):
         return recipe
@@ -216,8 +226,10 @@ def rtn_pipeline(granularity: Granularity = PerRow(), *, backend: Backend | str 
 
 
 def gptq_pipeline(*, granularity: Granularity = PerRow(), gptq: GPTQConfig = GPTQConfig(),
-                  metrics_x: torch.Tensor | None = None) -> Pipeline:
+                  metrics_x: torch.Tensor | None = None, hessian_shrink: float = 0.0) -> Pipeline:
     """``check_linear → check_finite → absmax_scale → gptq_update`` (→ ``measure`` with ``metrics_x``).
+
+    ``hessian_shrink > 0`` adds ``shrink_hessian`` before the scales (the :class:`GPTQ` recipe's default).
 
     Attach the layer's Hessian to the state first (``LayerState.from_weight(..., hessian=H)`` or
     :func:`cq.calibration_file.attach_calibration`); without one GPTQ is round-to-nearest.
@@ -226,8 +238,12 @@ def gptq_pipeline(*, granularity: Granularity = PerRow(), gptq: GPTQConfig = GPT
         >>> gptq_pipeline().names
         ('check_linear', 'check_finite', 'absmax_scale', 'gptq_update')
     """
-    stages = [stage(check_linear), stage(check_finite), stage(absmax_scale, ScaleConfig(granularity)),
-              stage(gptq_update, gptq)]
+    stages = [stage(check_linear), stage(check_finite)]
+    if hessian_shrink > 0:
+        from .transforms.hessian_shrink import HessianShrinkConfig, shrink_hessian
+
+        stages.append(stage(shrink_hessian, HessianShrinkConfig(hessian_shrink)))
+    stages += [stage(absmax_scale, ScaleConfig(granularity)), stage(gptq_update, gptq)]
     if metrics_x is not None:
         stages.append(stage(measure, MetricsConfig(x=metrics_x)))
     return pipeline(*stages)
@@ -245,7 +261,8 @@ def _rtn(recipe: RTN, *, backend: Backend) -> Pipeline:
 
 @register_recipe(GPTQ, uses_hessian=True)
 def _gptq(recipe: GPTQ, *, backend: Backend) -> Pipeline:
-    return gptq_pipeline(granularity=recipe.granularity, gptq=attrs.evolve(recipe.gptq, backend=backend))
+    return gptq_pipeline(granularity=recipe.granularity, gptq=attrs.evolve(recipe.gptq, backend=backend),
+                         hessian_shrink=recipe.hessian_shrink)
 
 
 @register_recipe(QuIP, uses_hessian=True)

@@ -122,7 +122,10 @@ def test_transformed_output_keeps_the_gain_and_reconstructs(outlier_layer, resul
 
 def test_pipelines_are_named_and_extensible():
     p = quip_pipeline()
-    assert p.names == ("check_finite", "convrot", "scale", "ldlq")
+    assert p.names == ("check_finite", "shrink_hessian", "convrot", "scale", "scale_search", "ldlq")
+    assert quip_pipeline(QuIPConfig(hessian_shrink=0, data_free_scale_search=False)).names == (
+        "check_finite", "convrot", "scale", "ldlq")  # the textbook ConvRot + LDLQ
+    assert p["shrink_hessian"].cfg.beta == 0.3 and p["scale_search"].cfg.only_without_hessian
     assert p["ldlq"].cfg.ldlq.actorder is True and p["ldlq"].cfg.ldlq.damping.percdamp == 0.01
     assert p["convrot"].cfg.groupsize == "auto"
     assert quip_pipeline(QuIPConfig(output="requant", requant_scheme="block")).names[-3:] == (
@@ -131,7 +134,7 @@ def test_pipelines_are_named_and_extensible():
     assert quip_pipeline(QuIPConfig(output="requant", requant_per_row=False))["requant_scale"].cfg.granularity == PerTensor()
     assert quip_pipeline(QuIPConfig(convrot_groupsize=64))["convrot"].cfg.groupsize == 64
     p2 = p.without("check_finite")
-    assert p2.names[0] == "convrot"
+    assert p2.names[0] == "shrink_hessian"
 
 
 @pytest.mark.parametrize("kwargs, match", [

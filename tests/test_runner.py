@@ -116,7 +116,9 @@ def test_an_unregistered_recipe_fails_when_the_config_is_built():
 
 def test_recipe_pipelines_are_the_same_stages_the_facade_runs():
     assert recipe_pipeline(RTN()).names == cq.rtn_pipeline().names
-    assert recipe_pipeline(GPTQ(PerBlock(64))).names == ("check_linear", "check_finite", "absmax_scale", "gptq_update")
+    assert recipe_pipeline(GPTQ(PerBlock(64))).names == ("check_linear", "check_finite", "shrink_hessian",
+                                                         "absmax_scale", "gptq_update")
+    assert recipe_pipeline(GPTQ(hessian_shrink=0)).names == ("check_linear", "check_finite", "absmax_scale", "gptq_update")
     assert recipe_pipeline(FP16()).names == ("check_finite", "fp16_cast")
 
 
@@ -295,3 +297,22 @@ def test_synthetic_hessians_are_per_layer_when_a_calibration_lora_shapes_them(mo
     assert not torch.equal(h_proj.hessian, h_fc1.hessian)
     assert "calibration-LoRA" in h_proj.note and "calibration-LoRA" not in h_mod.note
     assert h_mod.hessian is h_fin.hessian  # the LoRA-free Gaussian is shared by width, as it may be
+
+
+def test_quip_defaults_data_free_and_with_data_differ_as_measured():
+    """Without a Hessian the QuIP recipe searches per-row clipping (never worse than absmax on weight MSE);
+    with one it shrinks the Hessian first and runs LDLQ."""
+    from cq.state import LayerState
+    from cq.synthetic import outlier_layer
+
+    layer = outlier_layer(n=64, k=256, t=512, seed=3)
+    pipe = recipe_pipeline(QuIP())
+    free = pipe(LayerState.from_weight("fc", layer.weight))
+    assert "scale_search_gain" in free.metrics and free.metrics["scale_search_gain"] <= 1.0
+    data = pipe(LayerState.from_weight("fc", layer.weight, hessian=layer.hessian))
+    assert "scale_search_gain" not in data.metrics and data.stage_names()[:2] == ("shrink_hessian", "convrot")
+
+
+def test_bias_correction_without_data_is_refused():
+    with pytest.raises(ConfigError, match="bias_correction needs calibration data"):
+        ConvertConfig(recipe=GPTQ(), bias_correction=True)

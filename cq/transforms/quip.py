@@ -43,6 +43,8 @@ from .hessian import DampingConfig, feedback_round, quadratic_forms
 from .incoherence import Incoherence, IncoherenceConfig, incoherence, undo_incoherence
 from .ldlq import LDLQConfig, ldlq, ldlq_solve
 from .rounding import RoundConfig, round_to_nearest, working_dequantized
+from .hessian_shrink import HessianShrinkConfig, shrink_hessian
+from .scale_search import ScaleSearchConfig, scale_search
 from .scales import ScaleConfig, absmax_scale
 
 __all__ = ["QuIPConfig", "QuIPLDLQConfig", "quip_config_from_legacy", "quip_pipeline", "quip_ldlq",
@@ -87,6 +89,11 @@ def _output(instance, attribute, value):
                           "store_transformed=True, else 'convrot')")
 
 
+def _shrink(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"hessian_shrink={value!r} must be a number in [0, 1] (0: the raw Hessian; 0.3: cq's default)")
+
+
 def _groupsize(instance, attribute, value):
     ConvRotConfig(groupsize=value)  # raises ConfigError with the allowed values
 
@@ -110,6 +117,9 @@ class QuIPConfig:
     ``convrot_groupsize``: ``"auto"`` (256 when K allows) or a power of 4. ``rescale`` / ``permute``:
     QuIP's diagonal rescaling and random permutation on the two-sided outputs. ``lazy_batch``:
     LDLQ's lazy block updates (``False``: the textbook loop; same codes, slower).
+    ``hessian_shrink`` (ConvRot output): ``β`` of ``(1 − β)·H + β·diag(H)`` before LDLQ (0.3; 0: the raw
+    Hessian). ``data_free_scale_search`` (ConvRot output): without a Hessian, per-row clipping by weight
+    MSE instead of absmax scales. Both measured on held-out data (README, "Quality and speed").
 
     Example:
         >>> QuIPConfig().resolved_output, QuIPConfig(store_transformed=True).resolved_output
@@ -132,6 +142,8 @@ class QuIPConfig:
     rescale: bool = attrs.field(default=True, validator=_bool)
     permute: bool = attrs.field(default=True, validator=_bool)
     lazy_batch: bool = attrs.field(default=True, validator=_bool)
+    hessian_shrink: float = attrs.field(default=0.3, validator=_shrink)
+    data_free_scale_search: bool = attrs.field(default=True, validator=_bool)
 
     def __attrs_post_init__(self):
         if self.store_transformed and self.output not in (None, "transformed"):
@@ -289,7 +301,7 @@ def quip_pipeline(cfg: QuIPConfig = QuIPConfig(), *, backend: Backend | str = Ba
 
     Example:
         >>> quip_pipeline().names
-        ('check_finite', 'convrot', 'scale', 'ldlq')
+        ('check_finite', 'shrink_hessian', 'convrot', 'scale', 'scale_search', 'ldlq')
         >>> quip_pipeline(QuIPConfig(output="requant")).names
         ('check_finite', 'incoherence', 'scale', 'ldlq', 'undo_incoherence', 'requant_scale', 'requant_round', 'requant_metrics')
         >>> quip_pipeline(QuIPConfig(store_transformed=True)).names
@@ -301,8 +313,16 @@ def quip_pipeline(cfg: QuIPConfig = QuIPConfig(), *, backend: Backend | str = Ba
                                                  threshold=cfg.checkpoint_threshold), name="ldlq")
     scale_stage = stage(absmax_scale, ScaleConfig(PerRow()), name="scale")
     if out == "convrot":
-        return pipeline(check_finite, stage(convrot, ConvRotConfig(cfg.convrot_groupsize), name="convrot"),
-                        scale_stage, ldlq_stage)
+        # With data: the Hessian shrunk toward its diagonal (it generalises better to unseen inputs: on
+        # held-out MiniLM sentences weight-only 1−cos 6.9e-5 → 5.5e-5). Without data: per-row clipping
+        # chosen by weight MSE (beats absmax RTN under W8A8: 3.12e-4 → 2.82e-4). See the README table.
+        stages = [check_finite]
+        if cfg.hessian_shrink > 0:
+            stages.append(stage(shrink_hessian, HessianShrinkConfig(cfg.hessian_shrink), name="shrink_hessian"))
+        stages += [stage(convrot, ConvRotConfig(cfg.convrot_groupsize), name="convrot"), scale_stage]
+        if cfg.data_free_scale_search:
+            stages.append(stage(scale_search, ScaleSearchConfig(only_without_hessian=True), name="scale_search"))
+        return pipeline(*stages, ldlq_stage)
     head = [check_finite, stage(incoherence, cfg.incoherence_config(), name="incoherence"), scale_stage, ldlq_stage]
     if out == "transformed":
         return pipeline(*head, stage(store_transformed, name="store_transformed"))

@@ -58,7 +58,8 @@ class ScaleSearchConfig:
     ``grid``: factors ``α`` applied to the state's current (absmax) scale; must contain 1.0.
     ``rounder``: ``None`` = round to nearest, or an :class:`~cq.transforms.ldlq.LDLQConfig` /
     :class:`~cq.transforms.gptq.GPTQConfig` (one rounding per factor). ``objective``: ``"auto"``
-    uses ``state.hessian`` when present, else weight MSE.
+    uses ``state.hessian`` when present, else weight MSE. ``only_without_hessian``: the data-free
+    step of a recipe (a state with a Hessian passes unchanged).
 
     Example:
         >>> ScaleSearchConfig().grid[0], ScaleSearchConfig(rounder=LDLQConfig()).objective
@@ -68,6 +69,9 @@ class ScaleSearchConfig:
     grid: tuple[float, ...] = attrs.field(default=DEFAULT_GRID, converter=tuple, validator=_grid)
     rounder: LDLQConfig | GPTQConfig | None = attrs.field(default=None, validator=_rounder)
     objective: str = attrs.field(default="auto", validator=_objective)
+    #: Pass a state that has a Hessian through unchanged: the data-free step of a recipe whose
+    #: data-aware rounding (LDLQ/GPTQ) comes next (measured: searching under H does not help there).
+    only_without_hessian: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
 
 def row_losses(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
@@ -152,6 +156,8 @@ def scale_search(state: LayerState, *, cfg: ScaleSearchConfig = ScaleSearchConfi
         >>> s.metrics["scale_search_gain"] < 0.7, s.codes.dtype  # the grid stops at α = 0.8
         (True, torch.int8)
     """
+    if cfg.only_without_hessian and state.hessian is not None:
+        return state
     _need_scale(state, "scale_search")
     if not isinstance(state.granularity, (PerRow, PerTensor)):
         raise ConfigError(f"{state.name}: scale_search supports per-row and per-tensor scales, got "
