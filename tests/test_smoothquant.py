@@ -252,3 +252,18 @@ def test_consumer_w8a8_statistics_are_dropped_with_a_note(flux):
     out = edits.apply_state(st, key)
     assert "w8a8_stats" not in out.meta and out.meta["other"] == 1
     assert any("recapture calibration" in n for n in out.notes)
+
+
+def test_consumer_input_statistics_follow_the_smoothed_inputs(flux):
+    # y = x·Wᵀ + b must keep its mean: mean(x/s)·(W·diag(s))ᵀ = mean(x)·Wᵀ (float64 rounding).
+    sd, stats = flux
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats))
+    from cq.state import LayerState
+    key, stem = "double_blocks.0.img_mlp.0.weight", "double_blocks.0.img_mlp.0"  # a consumer only
+    mean = stats[stem].input_mean.double()
+    st = LayerState.from_weight(key, sd[key], meta={"calibration": {"input_mean": mean,
+                                                                     "input_absmax": stats[stem].input_absmax}})
+    out = edits.apply_state(st, key)
+    new_mean = out.meta["calibration"]["input_mean"].double()
+    assert torch.allclose(new_mean @ out.weight.T, mean @ sd[key].T, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(new_mean.float(), mean.float())

@@ -459,8 +459,10 @@ def _scale_columns(state: LayerState, *, cfg) -> LayerState:
     """The consumer side of a fold: input columns ``[start, start + len(s))`` × ``s``.
 
     The layer's inputs are divided by ``s``, so a Hessian already attached to the state becomes
-    ``diag(1/s) H diag(1/s)`` (``tr(W H Wᵀ)`` is unchanged): attach calibration before applying the
-    edit stages (:meth:`~cq.model.ModelEdits.apply_state`), or GPTQ/LDLQ would optimise the wrong loss.
+    ``diag(1/s) H diag(1/s)`` (``tr(W H Wᵀ)`` is unchanged) and ``meta["calibration"]``'s
+    ``input_absmax`` / ``input_mean`` are divided by ``s``: attach calibration (``attach_data``) before
+    applying the edit stages (:meth:`~cq.model.ModelEdits.apply_state`), or GPTQ/LDLQ and bias
+    correction would use the unsmoothed inputs.
     """
     start, s = cfg
     stop = start + s.shape[0]
@@ -472,6 +474,16 @@ def _scale_columns(state: LayerState, *, cfg) -> LayerState:
         inv[start:stop] = 1 / s
         changes["hessian"] = (state.hessian.to(torch.float64) * inv.view(-1, 1) * inv.view(1, -1)).to(
             state.hessian.dtype)
+    cal = state.meta.get("calibration")
+    if cal:  # per-channel input statistics are linear in x: exact under x → x/s (bias correction reads the mean)
+        cal = dict(cal)
+        for name in ("input_absmax", "input_mean"):
+            t = cal.get(name)
+            if isinstance(t, torch.Tensor) and t.shape == (state.shape[1],):
+                t = t.to(torch.float64).clone()
+                t[start:stop] = t[start:stop] / s
+                cal[name] = t.to(torch.float32)
+        changes["meta"] = {"calibration": cal}
     if not state.meta.get("w8a8_stats"):
         return record(state, "smooth_scale_columns", None, weight=w, original=w, **changes)
     # Per-token int8 rounding is not linear: statistics of the old inputs' round trip say nothing
