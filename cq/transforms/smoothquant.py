@@ -51,7 +51,7 @@ from ..model import ModelEdits, ModelView
 from ..pipeline import stage
 from ..state import LayerState, record
 
-__all__ = ["SmoothQuantConfig", "Fold", "RowEdit", "find_folds", "fold_factors", "smoothquant",
+__all__ = ["SmoothQuantConfig", "Fold", "RowEdit", "find_folds", "fold_factors", "fold_edits", "smoothquant",
            "smoothing_error"]
 
 
@@ -495,7 +495,17 @@ def _scale_columns(state: LayerState, *, cfg) -> LayerState:
     return attrs.evolve(out, meta={k: v for k, v in out.meta.items() if k != "w8a8_stats"})
 
 
-def _fold_edits(fold: Fold, s: torch.Tensor) -> ModelEdits:
+def fold_edits(fold: Fold, s: torch.Tensor) -> ModelEdits:
+    """The edits of one fold with factors ``s`` (``[fold.width]``, positive): producers ÷ s, consumers × s.
+
+    Example:
+        >>> from cq.model import DictView
+        >>> v = DictView({"a.attention.self.value.weight": torch.ones(2, 2),
+        ...               "a.attention.output.dense.weight": torch.ones(2, 2)})
+        >>> e = fold_edits(find_folds(v)[0][0], torch.tensor([2.0, 4.0], dtype=torch.float64))
+        >>> e.apply("a.attention.output.dense.weight", v.tensor("a.attention.output.dense.weight")).tolist()
+        [[2.0, 4.0], [2.0, 4.0]]
+    """
     stages: dict[str, list] = {}
     for e in fold.producers:
         stages.setdefault(e.key, []).append(
@@ -604,7 +614,7 @@ def smoothquant(view: ModelView, *, cfg: SmoothQuantConfig) -> ModelEdits:
         if best is None:
             skipped.append({"layers": [fold.name], "reason": why})
             continue
-        edits = edits | _fold_edits(fold, best["s"])
+        edits = edits | fold_edits(fold, best["s"])
         folded.append({"mapping": fold.name, "kind": fold.kind, "consumers": list(fold.consumers),
                        "producers": sorted({e.key for e in fold.producers}), "alpha": best["alpha"],
                        "w8a8_rel_before": best["err_before"], "w8a8_rel_after": best["err_after"]})
