@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -36,6 +37,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import warnings
 import zlib
@@ -272,6 +274,20 @@ def _verified_done(work: Path, fingerprint: str, keys: set[str]) -> dict[str, di
     return done
 
 
+def _records(work: Path, fingerprint: str) -> list[dict]:
+    """Every readable manifest record of this run (the ranks verified their shards when writing them)."""
+    out = []
+    for manifest in sorted(work.glob("done.rank*.jsonl")):
+        for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("fingerprint") == fingerprint:
+                out.append(rec)
+    return out
+
+
 def _prepare_work(work: Path, fingerprint: str, input_file: str, output_file: str) -> None:
     """Rank 0: keep the folder for the same run, start it over for another (config or input changed)."""
     manifest = work / "manifest.json"
@@ -303,10 +319,14 @@ def _report_from(meta: dict):
     from .report import LayerReport
 
     d = json.loads(meta["cq.report"])
-    d["shape"] = tuple(d["shape"])
-    d["scale_shape"] = None if d["scale_shape"] is None else tuple(d["scale_shape"])
-    d["notes"] = tuple(d["notes"])
+    for name in ("shape", "scale_shape", "notes"):
+        if isinstance(d.get(name), list):
+            d[name] = tuple(d[name])
     return LayerReport(**d)
+
+
+def _plan_id(p: Any) -> str:
+    return json.dumps([p.key, p.action, _describe(p.recipe), p.bias_key, p.full_precision_matrix_mult])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,10 +341,22 @@ def _rank_device(cfg: ConvertConfig, group: _Group) -> torch.device:
     return device
 
 
+def _prepare(loader, cfg: ConvertConfig, plan, model_transforms):
+    """What :func:`cq.convert.convert_file` computes before its loop: view, config, plans, edits."""
+    from .convert import model_transforms_for, open_model, plan_model, resolve_selection
+    from .model import run_model_transforms
+
+    view, _, _ = open_model(loader, cfg)
+    cfg, _, _ = resolve_selection(view, cfg)
+    plans = plan_model(view, cfg, plan=plan)
+    edits = run_model_transforms(view, model_transforms_for(cfg) + tuple(model_transforms))
+    return view, cfg, plans, edits
+
+
 def _convert_mine(todo, owner, rank, view, cfg, edits, hessians, device, policy, work, fingerprint, progress,
                   loader) -> tuple[str, str] | None:
     """Convert this rank's layers into shards; ``(layer, error)`` on failure, else None."""
-    from .convert import convert_layer
+    from . import convert as runner
     from .io import NonNativeFormatWarning, SafetensorsWriter
 
     mine = [(i, p) for (i, p), r in zip(todo, owner) if r == rank]
@@ -337,13 +369,13 @@ def _convert_mine(todo, owner, rank, view, cfg, edits, hessians, device, policy,
         try:
             t0 = time.perf_counter()
             dev = layer_device(p, loader.header.tensors[p.key].shape, device, policy)
-            tensors, report, entry = convert_layer(p, view, cfg, edits, hessians, dev)
+            tensors, report, entry = runner.convert_layer(p, view, cfg, edits, hessians, dev)
             report = attrs.evolve(report, seconds=time.perf_counter() - t0)
-            meta = {"cq.key": p.key, "cq.fingerprint": fingerprint, "cq.entry": json.dumps(entry),
-                    "cq.report": json.dumps(attrs.asdict(report))}
+            meta = {"cq.key": p.key, "cq.plan": _plan_id(p), "cq.fingerprint": fingerprint,
+                    "cq.entry": json.dumps(entry), "cq.report": json.dumps(attrs.asdict(report))}
             shard = work / _shard_name(i)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NonNativeFormatWarning)  # reported once by rank 0's merge
+                warnings.simplefilter("ignore", NonNativeFormatWarning)  # said once by rank 0's write
                 with SafetensorsWriter(shard, metadata=meta) as w:
                     for name, t in tensors.items():
                         w.add(name, t)
@@ -358,54 +390,40 @@ def _convert_mine(todo, owner, rank, view, cfg, edits, hessians, device, policy,
     return None
 
 
-def _merge(plans, loader, edits, cfg, work, input_file, output_file, progress):
-    """Rank 0: stream kept tensors and shards in file order into the output (the single-process layout)."""
-    from .convert import _NoteLog
-    from .io import NonNativeFormatWarning, SafetensorsWriter, UnifiedSafetensorsLoader, quantization_metadata
+_RUNNER_LOCK = threading.Lock()
 
-    reports, entries = [], {}
-    kept = removed = 0
-    notes_log = _NoteLog()
-    total = sum(loader.header.tensors[p.key].nbytes for p in plans if p.action != "remove")
-    done = 0
-    metadata = dict(loader.metadata() or {})
-    metadata.pop("_quantization_metadata", None)
-    with SafetensorsWriter(output_file, metadata=metadata, forbid=[input_file]) as writer, \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonNativeFormatWarning)
-        for i, p in enumerate(plans):
-            if p.action in ("remove", "with_layer"):
-                removed += p.action == "remove"
-                continue
-            if progress is not None:
-                progress(p.key, p.recipe_name() if p.action == "quantize" else None, done, total)
-            if p.action == "keep":
-                t = loader.get_tensor(p.key)
-                writer.add(p.key, edits.apply(p.key, t).to(t.dtype) if p.key in edits else t)
-                kept += 1
-                loader.mark_processed(p.key)
-            else:
-                shard = work / _shard_name(i)
-                with UnifiedSafetensorsLoader(shard, low_memory=True) as s:
-                    meta = s.metadata()
-                    if meta.get("cq.key") != p.key:
-                        raise CqError(f"{shard}: holds {meta.get('cq.key')!r}, expected {p.key!r}; delete {work} "
-                                      "and run again")
-                    for name in s.keys():
-                        writer.add(name, s.get_tensor(name))
-                entry = json.loads(meta["cq.entry"])
-                if entry is not None:
-                    entries[p.stem] = entry
-                report = _report_from(meta)
-                notes_log.layer(p.stem, report.notes)
-                reports.append(report)
-            done += loader.header.tensors[p.key].nbytes + (
-                loader.header.tensors[p.bias_key].nbytes if p.bias_key is not None else 0)
-        if progress is not None:
-            progress(None, None, done, total)
-        if cfg.save_quant_metadata and entries:
-            writer.update_metadata({"_quantization_metadata": quantization_metadata(entries)})
-    return reports, kept, removed, notes_log
+
+@contextlib.contextmanager
+def _layers_from_shards(work: Path, shards: dict[str, str]):
+    """Within the block, :func:`cq.convert.convert_file` takes each quantized layer from its shard.
+
+    The single-process runner then writes the file — kept tensors, metadata, reports, notes — so
+    the bytes are its bytes by construction. The runner's ``convert_layer`` is swapped for a shard
+    reader for the duration (under a lock; restored on exit): cq.convert has no hook for a layer
+    source yet.
+    """
+    from . import convert as runner
+    from .io import UnifiedSafetensorsLoader
+
+    def from_shard(plan, view, cfg, edits, hessians, device):
+        shard = work / shards.get(plan.key, "")
+        if plan.key not in shards or not shard.is_file():
+            raise CqError(f"{plan.key}: no shard in {work}; delete the folder and run again")
+        with UnifiedSafetensorsLoader(shard, low_memory=True) as s:
+            meta = s.metadata()
+            if meta.get("cq.plan") != _plan_id(plan):
+                raise CqError(f"{shard}: converted with the plan {meta.get('cq.plan')}, but the runner now plans "
+                              f"{_plan_id(plan)}; cq.distributed and cq.convert disagree (a bug: please report it)")
+            tensors = {name: s.get_tensor(name) for name in s.keys()}
+        return tensors, _report_from(meta), json.loads(meta["cq.entry"])
+
+    with _RUNNER_LOCK:
+        real = runner.convert_layer
+        runner.convert_layer = from_shard
+        try:
+            yield
+        finally:
+            runner.convert_layer = real
 
 
 def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConfig = ConvertConfig(), *,
@@ -419,11 +437,14 @@ def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConf
     thresholds send over-sized layers of a CUDA run to the CPU. ``keep_work`` keeps the shards
     after a successful write (the default removes them). An interrupted run (Ctrl-C, a crash, a
     killed rank) keeps its completed shards in :func:`work_dir_for` ``(output_file)``; rerunning the
-    same command resumes from them, with any number of processes.
+    same command resumes from them, with any number of processes. Rank 0 writes the output with
+    :func:`cq.convert.convert_file` itself, each quantized layer read from its shard, so the file,
+    the report and the notes are the single-process ones (a layer's ``seconds`` is its compute time
+    on its rank only in the shard's metadata; the report counts the read).
 
     Raises:
-        CqError: another rank failed (its rank, layer and error are named); the original exception on
-            the rank that failed. No output file exists after a failure.
+        CqError: a rank failed (its rank, layer and error are named, on every rank). No output file
+            exists after a failure.
 
     Example:
         >>> import tempfile, os, torch
@@ -439,18 +460,15 @@ def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConf
         >>> [l.name for l in r.layers], same, sorted(left)
         (['a', 'b'], True, ['dist.safetensors', 'm.safetensors', 'one.safetensors'])
     """
-    from .convert import HessianSource, _hoist_repeated_notes, model_transforms_for, plan_model
-    from .io import NonNativeFormatWarning, UnifiedSafetensorsLoader
-    from .io.comfy import NATIVE_FORMATS
+    from .convert import HessianSource, convert_file
+    from .io import UnifiedSafetensorsLoader
     from .io.writer import same_path
-    from .model import LoaderView, run_model_transforms
-    from .report import ConversionReport
 
-    start = time.perf_counter()
     input_file, output_file = os.fspath(input_file), os.fspath(output_file)
     if same_path(input_file, output_file):
         raise InputError(f"{output_file}: the output path is the input file; choose a different output path (-o)")
     policy = memory if memory is not None else policy_for_config(cfg)
+    model_transforms = tuple(model_transforms)
     group = _Group()
     try:
         device = _rank_device(cfg, group)
@@ -458,20 +476,17 @@ def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConf
             warn_unused_thresholds(policy, device)
         work = work_dir_for(output_file)
         with UnifiedSafetensorsLoader(input_file, low_memory=True) as header_only:
-            # Planned from the header alone: the budget is checked before the tier's loader reads anything.
+            # Planned from the header (and small stored scales): the budget is checked before the
+            # tier's loader reads the weights.
             header = header_only.header
-            plans = plan_model(LoaderView(header_only), cfg, plan=plan)
+            _, _, plans, _ = _prepare(header_only, cfg, plan, model_transforms)
             budget = plan_budget(plans, header, policy, metrics_tokens=cfg.metrics_tokens)
             policy = budget.policy  # "auto" resolved
             log.debug("%s", budget.describe())
         with UnifiedSafetensorsLoader(input_file, low_memory=not policy.preload) as loader:
-            view = LoaderView(loader)
-            edits = run_model_transforms(view, model_transforms_for(cfg) + tuple(model_transforms))
-            if group.rank == 0:
-                for w in edits.warnings:
-                    log.warning("warning: %s", w)
-            hessians = HessianSource(cfg, view)
-            fingerprint = run_fingerprint(input_file, cfg, plans, edits)
+            view, run_cfg, plans, edits = _prepare(loader, cfg, plan, model_transforms)
+            hessians = HessianSource(run_cfg, view)
+            fingerprint = run_fingerprint(input_file, run_cfg, plans, edits)
             quant = [(i, p) for i, p in enumerate(plans) if p.action == "quantize"]
             done: set[str] | None = None
             if group.rank == 0:
@@ -482,43 +497,28 @@ def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConf
             done = group.broadcast(done)
             todo = [(i, p) for i, p in quant if p.key not in done]
             owner = assign_layers([layer_cost(p, header.tensors[p.key].shape) for _, p in todo], group.size)
-            failure = _convert_mine(todo, owner, group.rank, view, cfg, edits, hessians, device, policy, work,
+            failure = _convert_mine(todo, owner, group.rank, view, run_cfg, edits, hessians, device, policy, work,
                                     fingerprint, progress if group.rank == 0 else None, loader)
-            failures = [(r, f) for r, f in enumerate(group.gather(failure)) if f is not None]
-            if failures:
-                r, (key, msg) = failures[0]
-                raise CqError(f"rank {r} of {group.size} failed on {key}: {msg}. Finished layers are kept in {work}; "
-                              "run the same command again to resume")
-            result = None
-            status = None
-            if group.rank == 0:
-                try:
-                    reports, kept, removed, notes_log = _merge(plans, loader, edits, cfg, work, input_file,
-                                                               output_file, progress)
-                    if not keep_work:
-                        shutil.rmtree(work, ignore_errors=True)
-                except Exception as e:
-                    status = f"{type(e).__name__}: {' '.join(str(e).split())}"
-                    group.broadcast(status)
-                    raise
-            status = group.broadcast(status)
-            if group.rank != 0:
-                if status is not None:
-                    raise CqError(f"rank 0 could not write {output_file}: {status}")
-                return None
-        notes = list(edits.warnings)
-        odd = sorted({r.format for r in reports if r.format not in NATIVE_FORMATS and r.format != "fp16"})
-        if odd:
-            notes.append(f"formats {odd} need a custom node: vanilla ComfyUI cannot load them")
-        if not cfg.comfy:
-            notes.append("legacy non-comfy layout (.scale_weight): vanilla ComfyUI loads these weights unquantized")
-        for note in notes[len(edits.warnings):]:
-            warnings.warn(note, NonNativeFormatWarning, stacklevel=2)
-        notes = notes_log.repeated() + notes
-        result = ConversionReport(input_file=input_file, output_file=output_file,
-                                  layers=tuple(_hoist_repeated_notes(reports)), kept=kept, removed=removed,
-                                  seconds=time.perf_counter() - start, quality_threshold=cfg.quality_threshold,
-                                  notes=tuple(notes), model=dict(edits.report), device=str(device))
-        return result
+        failures = [(r, f) for r, f in enumerate(group.gather(failure)) if f is not None]
+        if failures:
+            r, (key, msg) = failures[0]
+            raise CqError(f"rank {r} of {group.size} failed on {key}: {msg}. Finished layers are kept in {work}; "
+                          "run the same command again to resume")
+        status, report = None, None
+        if group.rank == 0:
+            try:
+                shards = {rec["key"]: rec["shard"] for rec in _records(work, fingerprint)}
+                with _layers_from_shards(work, shards):
+                    report = convert_file(input_file, output_file, cfg, plan=plan, model_transforms=model_transforms,
+                                          progress=progress)
+                if not keep_work:
+                    shutil.rmtree(work, ignore_errors=True)
+            except BaseException as e:
+                group.broadcast(f"{type(e).__name__}: {' '.join(str(e).split())}")
+                raise
+        status = group.broadcast(status)
+        if status is not None:
+            raise CqError(f"rank 0 could not write {output_file}: {status}")
+        return report
     finally:
         group.close()

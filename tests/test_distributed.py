@@ -133,7 +133,7 @@ def test_resume_converts_only_the_missing_layers_and_writes_the_same_bytes(model
     seen = _interrupt_after(monkeypatch, 99)
     report = convert_file_distributed(model, out, _cfg())
     assert len(seen) == len(LINEAR_KEYS) - 3
-    assert [r.name for r in report.layers] == [k[: -len(".weight")] for k in LINEAR_KEYS]
+    assert [r.name for r in report.layers if r.action == "quantize"] == [k[: -len(".weight")] for k in LINEAR_KEYS]
     assert out.read_bytes() == ref.read_bytes()
     assert not work_dir_for(out).exists()
 
@@ -206,3 +206,28 @@ def test_assignment_balances_and_is_deterministic():
     assert max(loads) <= sum(costs) / 3 + max(costs)  # list scheduling's bound
     with pytest.raises(CqError, match="positive int"):
         assign_layers(costs, 0)
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"save_quant_metadata": True, "scaling_mode": "block", "block_size": 32},
+    {"comfy_quant": False, "include_input_scale": True},
+    {"fp16": True},
+    {"optimizer": "quip", "calibration_lora_path": None},
+    {"filter_flags": {"t5xxl": True}, "exclude_layers": "fc1"},
+], ids=["rtn", "block-metadata", "legacy", "fp16", "quip", "presets-exclude"])
+def test_one_process_distributed_run_writes_convert_file_bytes(model, tmp_path, values):
+    """The merge writes what convert_file writes, for every kind of plan (kept, removed, biases, formats)."""
+    import warnings
+
+    from cq.options import build_config
+
+    base = dict(input_file=str(model), output_file="x", comfy_quant=True, filter_flags={}, calib_samples=64, seed=0)
+    _, _, cfg = build_config({**base, **{k: v for k, v in values.items() if v is not None}, "device": "cpu"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy layout's "vanilla ComfyUI loads it unquantized" note
+        ref = convert_file(model, tmp_path / "ref.safetensors", cfg)
+        got = convert_file_distributed(model, tmp_path / "out.safetensors", cfg)
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert (got.kept, got.removed, [r.name for r in got.layers]) == (ref.kept, ref.removed, [r.name for r in ref.layers])
+    assert [r.metrics for r in got.layers] == [r.metrics for r in ref.layers] and got.notes == ref.notes

@@ -118,7 +118,7 @@ result["aggressive"] = os.path.getsize(out)
 convert_file(src, out + ".single", cfg)  # the single-process runner streams within the same limit
 result["same"] = filecmp.cmp(out, out + ".single", shallow=False)  # 8 KiB at a time
 try:
-    torch.empty(limit_mib * 2**20, dtype=torch.uint8)  # the limit is real: the model does not fit
+    torch.empty(os.path.getsize(src), dtype=torch.uint8)  # the limit is real: the model does not fit in memory
     result["whole"] = "allocated"
 except (RuntimeError, MemoryError):
     result["whole"] = "refused"
