@@ -128,6 +128,7 @@ class ConvertConfig:
     auto_preset: bool = True  # apply the preset of the detected architecture when no preset was chosen
     fp8_input_scale: bool = False  # FP8 layers also get a static input_scale from the calibration absmax
     bias_correction: bool = False  # fold the expected output error (calibration means) into existing biases
+    strict_hessian: bool = False  # a bad calibration Hessian stops the run (default: that layer is rounded to nearest)
     # run
     seed: int = 0
     metrics_tokens: int = attrs.field(default=64, validator=attrs.validators.ge(0))

@@ -209,6 +209,10 @@ def layer_pipeline(plan: LayerPlan, cfg: ConvertConfig, *, edits: ModelEdits = M
     head = list(edits.stages.get(plan.key, ()))
     if data is not None:
         head.append(stage(attach_data, data))
+        if data.hessian is not None:  # judged before use: non-finite, zero, negative- or indefinite
+            from .transforms.hessian_check import HessianCheckConfig, check_hessian
+
+            head.append(stage(check_hessian, HessianCheckConfig(strict=cfg.strict_hessian)))
     body = recipe_pipeline(plan.recipe, backend=cfg.backend)
     pipe = pipeline(*head).then(*body.stages)
     if cfg.bias_correction and not isinstance(plan.recipe, (FP16, FP8)):
@@ -355,6 +359,11 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
     from .io import NonNativeFormatWarning, SafetensorsWriter, UnifiedSafetensorsLoader, quantization_metadata
     from .io.comfy import NATIVE_FORMATS
 
+    from .io.paths import check_outputs
+
+    # Before anything is read: the output must not replace a file the run reads (any spelling or link).
+    check_outputs({"input": input_file, "calibration": cfg.calibration_path, "calibration LoRA": cfg.calibration_lora_path,
+                   "LoRA": list(cfg.merge_loras)}, {"output": output_file})
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     reports: list[LayerReport] = []

@@ -194,6 +194,9 @@ OPTIONS: tuple[Option, ...] = (
     _opt("hessian_shrink", "recipe.hessian_shrink", None, "--hessian-shrink", facade="kwarg", group="rounding",
          type=float, help="GPTQ/QuIP: shrink the calibration Hessian toward its diagonal by this weight (default "
                           "0.3, measured better on held-out data; 0: the published algorithms)"),
+    _opt("strict_hessian", "config.strict_hessian", False, "--strict-hessian", facade="kwarg", group="rounding",
+         action="store_true", help="a calibration Hessian that is non-finite, zero or not positive-definite stops the "
+                                   "run (default: that layer is rounded to nearest, with a warning)"),
     _opt("bias_correction", "config.bias_correction", False, "--bias-correction", facade="kwarg", group="rounding",
          action="store_true", help="fold each layer's expected output error into its existing bias (needs "
                                    "--calibration-data with input means; layers without a bias are left alone)"),

@@ -146,7 +146,7 @@ def test_nan_weight_fails_cleanly(tmp_path):
 
 def test_output_equal_to_input_is_refused(model_file):
     before = file_digest(model_file)
-    with pytest.raises(cq.InputError):
+    with pytest.raises(cq.CqError, match="same file"):
         convert_to_int8(str(model_file), str(model_file), **BASE)
     assert file_digest(model_file) == before
 

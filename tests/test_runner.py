@@ -316,3 +316,37 @@ def test_quip_defaults_data_free_and_with_data_differ_as_measured():
 def test_bias_correction_without_data_is_refused():
     with pytest.raises(ConfigError, match="bias_correction needs calibration data"):
         ConvertConfig(recipe=GPTQ(), bias_correction=True)
+
+
+def test_a_bad_calibration_hessian_falls_back_loudly_or_stops_when_strict(model_file, tmp_path, caplog):
+    from cq.calibrate import HessianStats
+    from cq.io import write_safetensors
+
+    k = 64
+    calib = tmp_path / "c.safetensors"
+    # An indefinite "Hessian" for one layer (no 2/T·XᵀX looks like this), a good one for another.
+    bad = torch.eye(k)
+    bad[0, 0] = -5.0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, k, generator=g)
+    good = 2 / 256 * x.T @ x
+    from cq.calibration_file import save_calibration
+
+    try:
+        save_calibration(calib, {"blocks.0.attn.proj": HessianStats(bad, x.abs().amax(0), x.mean(0), 256),
+                                 "blocks.0.mlp.fc1": HessianStats(good, x.abs().amax(0), x.mean(0), 256)})
+    except cq.CqError:  # the writer refuses it: store the tensors directly, as a foreign tool might
+        write_safetensors(calib, {"blocks.0.attn.proj.hessian": bad, "blocks.0.mlp.fc1.hessian": good},
+                          metadata={"cq.calibration": "1"})
+    out = tmp_path / "o.safetensors"
+    with caplog.at_level(logging.WARNING, logger="cq"):
+        report = convert_file(str(model_file), str(out), ConvertConfig(recipe=GPTQ(), calibration_path=str(calib)))
+    proj = {r.name: r for r in report.quantized}["blocks.0.attn.proj"]
+    # the rejected Hessian is not used: the layer is round-to-nearest, its numbers those of H = I (finite, > 0)
+    assert proj.metrics["rel_out_h"] == proj.metrics["rel_out_rtn_h"] and 0 < proj.metrics["predicted_rel_out"] < 1
+    assert any(r.getMessage().startswith("warning: blocks.0.attn.proj: Hessian") and "Hessian ignored" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(cq.CqError, match="blocks.0.attn.proj: Hessian"):
+        convert_file(str(model_file), str(tmp_path / "s.safetensors"),
+                     ConvertConfig(recipe=GPTQ(), calibration_path=str(calib), strict_hessian=True))
+    assert not (tmp_path / "s.safetensors").exists()

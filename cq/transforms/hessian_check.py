@@ -3,14 +3,12 @@
 A Hessian that is NaN/Inf, all zero, negative-definite or indefinite (see
 :func:`~cq.transforms.hessian.hessian_problem`) cannot describe ``2/T·XᵀX``: optimizing against it
 gives codes and predictions that mean nothing. :func:`check_hessian` drops such a Hessian, so the
-next stage rounds to nearest, and says so twice: a :class:`BadHessianWarning` naming the layer and
-the reason (for the console) and a ``warning:`` note (for the report). With ``strict=True`` it raises
-instead, one line, so that a run meant to use calibration data never silently does not.
+next stage rounds to nearest, and says so in a note naming the reason (the runner prints every
+layer note as a ``warning:`` line on the console, with the layer's name). With ``strict=True`` it
+raises instead, one line, so that a run meant to use calibration data never silently does not.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import attrs
 
@@ -18,11 +16,7 @@ from ..errors import InputError
 from ..state import LayerState, record
 from .hessian import _nonneg_float, hessian_problem
 
-__all__ = ["BadHessianWarning", "HessianCheckConfig", "check_hessian"]
-
-
-class BadHessianWarning(UserWarning):
-    """A layer's Hessian was rejected; the layer is rounded to nearest instead."""
+__all__ = ["HessianCheckConfig", "check_hessian"]
 
 
 @attrs.frozen
@@ -36,16 +30,14 @@ class HessianCheckConfig:
 
 
 def check_hessian(state: LayerState, *, cfg: HessianCheckConfig = HessianCheckConfig()) -> LayerState:
-    """Pass a usable Hessian through untouched; drop a bad one with a warning (or raise when strict).
+    """Pass a usable Hessian through untouched; drop a bad one with a note (or raise when strict).
 
     Example:
-        >>> import torch, warnings
+        >>> import torch
         >>> s = LayerState.from_weight("blocks.0.fc", torch.randn(4, 2), hessian=-torch.eye(2))
-        >>> with warnings.catch_warnings(record=True) as w:
-        ...     warnings.simplefilter("always")
-        ...     out = check_hessian(s)
-        >>> out.hessian is None, str(w[0].message)[:48]
-        (True, 'blocks.0.fc: Hessian is negative-definite (every')
+        >>> out = check_hessian(s)
+        >>> out.hessian is None, out.notes[-1][:33]
+        (True, 'Hessian is negative-definite (eve')
         >>> check_hessian(s, cfg=HessianCheckConfig(strict=True))
         Traceback (most recent call last):
         ...
@@ -59,6 +51,4 @@ def check_hessian(state: LayerState, *, cfg: HessianCheckConfig = HessianCheckCo
     if cfg.strict:
         raise InputError(f"{state.name}: {why}; recapture the calibration data for this layer, or run without "
                          "strict Hessian checks to round it to nearest")
-    warnings.warn(f"{state.name}: {why}; this layer is rounded to nearest", BadHessianWarning, stacklevel=2)
-    return record(state, "check_hessian", cfg, hessian=None,
-                  notes=(f"warning: {why}; Hessian ignored, rounded to nearest",))
+    return record(state, "check_hessian", cfg, hessian=None, note=f"{why}; Hessian ignored, rounded to nearest")
