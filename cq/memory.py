@@ -267,9 +267,10 @@ def plan_budget(plans, header, policy: MemoryPolicy, *, metrics_tokens: int = 64
                 available: int | None = None) -> MemoryBudget:
     """The budget of converting ``plans`` (from :func:`cq.convert.plan_model`) of the file ``header``.
 
-    ``auto`` is resolved here against ``available`` (default :func:`available_memory`); a fixed
-    tier whose budget exceeds ``available`` is an error naming a tier that fits (nothing is
-    converted). ``header`` is a :class:`cq.io.loader.SafetensorsHeader`.
+    ``auto`` is resolved here against ``available`` (default :func:`available_memory`). A fixed
+    tier's read-ahead shrinks to what is available; when its input and largest layer alone exceed
+    ``available`` it is an error naming a tier that fits (nothing is converted). ``header`` is a
+    :class:`cq.io.loader.SafetensorsHeader`.
 
     Example:
         >>> import tempfile, os, torch
@@ -312,10 +313,13 @@ def plan_budget(plans, header, policy: MemoryPolicy, *, metrics_tokens: int = 64
                 return candidate
         policy = attrs.evolve(policy, tier="aggressive", preload=False, read_ahead_bytes=0)
     out = budget(policy)
+    if out.total > avail >= out.input_bytes + out.layer_bytes:
+        # Read-ahead only overlaps I/O: it shrinks to what is free instead of failing the run.
+        out = attrs.evolve(out, read_ahead_bytes=avail - out.input_bytes - out.layer_bytes)
+        log.info("read-ahead limited to %d MiB by the available memory", out.read_ahead_bytes // MiB)
     if out.total > avail:
-        fits = [t for t in ("minimal", "balanced", "aggressive")
-                if file_bytes * TIERS[t][0] + TIERS[t][1] + layer_bytes <= avail]
-        hint = (f"use streaming_mode={fits[0]!r} (or 'auto')" if fits else
+        hint = ("use streaming_mode='balanced' (or 'auto'): the streaming tiers hold one layer at a time"
+                if layer_bytes <= avail else
                 f"no tier fits: layer {largest} alone needs {layer_bytes / MiB:.0f} MiB; free memory or run it "
                 "on a machine with more")
         raise ConfigError(f"{out.describe()}, but only {avail / MiB:.0f} MiB are available; {hint}")

@@ -75,8 +75,9 @@ def test_budget_sums_the_stated_terms_and_auto_picks_what_fits(tmp_path):
     assert plan_budget(plans, h, memory_policy("off"), available=1 << 40).input_bytes == 4 * 256 * 256 * 4
     assert plan_budget(plans, h, memory_policy("auto"), available=1 << 40).policy.tier == "off"
     assert plan_budget(plans, h, memory_policy("auto"), available=2 * layer + MiB).policy.tier == "aggressive"
-    with pytest.raises(ConfigError, match="use streaming_mode='aggressive'"):
-        plan_budget(plans, h, memory_policy("balanced"), available=layer + MiB)
+    assert plan_budget(plans, h, memory_policy("balanced"), available=layer + MiB).read_ahead_bytes == MiB
+    with pytest.raises(ConfigError, match="use streaming_mode='balanced'"):
+        plan_budget(plans, h, memory_policy("off"), available=layer + MiB // 2)
     with pytest.raises(ConfigError, match="no tier fits: layer l0.weight alone needs"):
         plan_budget(plans, h, memory_policy("aggressive"), available=layer // 2)
 
@@ -143,7 +144,7 @@ def test_a_model_larger_than_the_memory_limit_converts_within_the_aggressive_bud
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert "streaming_mode='off'" in result["off"] and "use streaming_mode='aggressive'" in result["off"]
+    assert "streaming_mode='off'" in result["off"] and "use streaming_mode='balanced'" in result["off"]
     assert result["aggressive"] > 64 * 1024 * 1024 and result["same"] is True
     assert result["whole"] == "refused"
 
