@@ -408,7 +408,8 @@ def _layers_from_shards(work: Path, shards: dict[str, str]):
     def from_shard(plan, view, cfg, edits, hessians, device):
         shard = work / shards.get(plan.key, "")
         if plan.key not in shards or not shard.is_file():
-            raise CqError(f"{plan.key}: no shard in {work}; delete the folder and run again")
+            raise CqError(f"{plan.key}: its shard is not in {work} (with several machines the work folder, next "
+                          "to the output, must be on a filesystem every node shares); run the command again to resume")
         with UnifiedSafetensorsLoader(shard, low_memory=True) as s:
             meta = s.metadata()
             if meta.get("cq.plan") != _plan_id(plan):
