@@ -123,6 +123,8 @@ class ConvertConfig:
     merge_lora_scale: float = attrs.field(default=1.0, converter=float)
     merge_lora_dampen: bool = True
     model_transforms: tuple[Callable, ...] = attrs.field(default=(), converter=_transforms)
+    smoothquant: bool = False  # exact smoothing folds from calibration statistics (a model transform)
+    smoothquant_alpha: float | None = None  # None: searched per mapping
     # inputs and model-level choices
     requantize_int8: bool = False  # re-quantize layers that are already ComfyUI int8 (default: copy them)
     auto_preset: bool = True  # apply the preset of the detected architecture when no preset was chosen
@@ -153,6 +155,11 @@ class ConvertConfig:
         if self.calibration_lora_path and not self.synthetic_calibration and not self.calibration_path:
             raise ConfigError("calibration_lora_path only shapes the synthetic Hessians; set synthetic_calibration "
                               "(the facade does when an optimizer is gptq/quip) or drop it")
+        if self.smoothquant and not self.calibration_path:
+            raise ConfigError("smoothquant needs calibration data (per-channel input absmax and Hessians of the "
+                              "consumers); pass calibration_path (--calibration-data) or drop it")
+        if self.smoothquant_alpha is not None and not self.smoothquant:
+            raise ConfigError(f"smoothquant_alpha={self.smoothquant_alpha} needs smoothquant=True (--smoothquant)")
         if self.bias_correction and not self.calibration_path:
             raise ConfigError("bias_correction needs calibration data with input means (a cq calibration file); "
                               "without data a correction would be noise. Pass calibration_path or drop it")

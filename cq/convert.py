@@ -8,7 +8,7 @@ Who does what:
   ``plan=`` function may rewrite any plan.
 * Model transforms (:mod:`cq.model`: LoRA merging, smoothing folds, your own) see the whole model
   lazily and return per-tensor edit stages.
-* :func:`layer_pipeline` composes a layer's stages: edits → calibration attach → recipe → measure.
+* :func:`layer_pipeline` composes a layer's stages: calibration attach → edits → recipe → measure.
 * :func:`convert_file` streams the file: one tensor in memory at a time, moved to the run's device
   for its pipeline and back, written through the atomic writer (no output survives a failure).
 
@@ -201,18 +201,19 @@ class HessianSource:
 
 def layer_pipeline(plan: LayerPlan, cfg: ConvertConfig, *, edits: ModelEdits = ModelEdits(),
                    data: LayerData | None = None, measure_on: LayerState | None = None) -> Pipeline:
-    """A quantized layer's stages: model edits → calibration attach → recipe → measure.
+    """A quantized layer's stages: calibration attach → model edits → Hessian check → recipe → measure.
 
     ``measure_on`` is the state the metric inputs are drawn for (they depend on its Hessian); without
     it the pipeline has no measure stage.
     """
-    head = list(edits.stages.get(plan.key, ()))
-    if data is not None:
-        head.append(stage(attach_data, data))
-        if data.hessian is not None:  # judged before use: non-finite, zero, negative- or indefinite
-            from .transforms.hessian_check import HessianCheckConfig, check_hessian
+    # The calibration data first: model edits (a smoothing fold) carry the Hessian and the input
+    # statistics into the edited layer's input space.
+    head = [stage(attach_data, data)] if data is not None else []
+    head += list(edits.stages.get(plan.key, ()))
+    if data is not None and data.hessian is not None:  # judged before use: non-finite, zero, negative- or indefinite
+        from .transforms.hessian_check import HessianCheckConfig, check_hessian
 
-            head.append(stage(check_hessian, HessianCheckConfig(strict=cfg.strict_hessian)))
+        head.append(stage(check_hessian, HessianCheckConfig(strict=cfg.strict_hessian)))
     body = recipe_pipeline(plan.recipe, backend=cfg.backend)
     pipe = pipeline(*head).then(*body.stages)
     if cfg.bias_correction and not isinstance(plan.recipe, (FP16, FP8)):
@@ -251,8 +252,11 @@ def convert_layer(plan: LayerPlan, view: ModelView, cfg: ConvertConfig, edits: M
     data = hessians(plan, w.shape[1])
     state = LayerState.from_weight(stem, w.to(torch.float32), bias=bias).to(device)
     # The metric inputs depend on the Hessian the layer will see; draw them from the attached one.
-    probe = state if data is None or data.hessian is None else attach_data(state, cfg=data)
-    out = layer_pipeline(plan, cfg, edits=edits, data=data, measure_on=probe)(state).to("cpu")
+    # The metric inputs follow the Hessian the recipe will see (after any fold): draw them from there.
+    head = pipeline(*([stage(attach_data, data)] if data is not None else []), *edits.stages.get(plan.key, ()))
+    probe = head(state)
+    pipe = layer_pipeline(plan, cfg, edits=edits, data=data, measure_on=probe)
+    out = pipeline(*pipe.stages[len(head.stages):])(probe).to("cpu")
     if out.bias is not None and bias_dtype is not None:
         out = attrs.evolve(out, bias=out.bias.to(bias_dtype))
     tensors = layer_tensors(out, comfy=cfg.comfy, legacy_axiswise=cfg.legacy_axiswise,
@@ -306,13 +310,22 @@ def resolve_selection(view: ModelView, cfg: ConvertConfig):
 
 
 def model_transforms_for(cfg: ConvertConfig) -> tuple[ModelTransform, ...]:
-    """The model transforms a config asks for: LoRA merging first, then the user's, in order."""
+    """The model transforms a config asks for: LoRA merging, SmoothQuant, then the user's, in order."""
     out: list[ModelTransform] = []
     if cfg.merge_loras:
         from .lora_merge import LoraMergeConfig, merge_loras
 
         out.append(functools.partial(merge_loras, cfg=LoraMergeConfig(paths=cfg.merge_loras, scale=cfg.merge_lora_scale,
                                                                       dampen=cfg.merge_lora_dampen)))
+    if cfg.smoothquant:
+        from .calibration_file import load_calibration
+        from .recipes import QuIP
+        from .transforms.smoothquant import SmoothQuantConfig, smoothquant
+
+        convrot = isinstance(cfg.recipe, QuIP) and cfg.recipe.quip.resolved_output == "convrot"
+        out.append(functools.partial(smoothquant, cfg=SmoothQuantConfig(
+            calibration=load_calibration(cfg.calibration_path), alpha=cfg.smoothquant_alpha,
+            convrot_groupsize="auto" if convrot else None)))
     out.extend(cfg.model_transforms)
     return tuple(out)
 

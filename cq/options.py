@@ -35,7 +35,7 @@ import attrs
 from .config import DEVICE_CHOICES, SCALING_MODES, ConvertConfig, granularity_for
 from .errors import ConfigError
 from .presets import PRESETS
-from .recipes import GPTQ, RTN, QuIP
+from .recipes import GPTQ, RTN, LearnedRound, QuIP
 
 __all__ = ["Option", "OPTIONS", "FACADE_PARAMETERS", "CONVERTER_KWARGS", "REQUIRED", "build_config",
            "add_cli_options", "values_from_cli", "OPTIMIZERS", "STREAMING_MODES"]
@@ -46,7 +46,6 @@ REQUIRED = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 OPTIMIZERS = ("rtn", "gptq", "quip", "original", "adamw", "radam")
 LEARNED_ROUNDING = ("original", "adamw", "radam")
 STREAMING_MODES = ("off", "minimal", "balanced", "aggressive", "auto")
-_LEARNED = "learned rounding"
 
 
 @attrs.frozen
@@ -145,10 +144,11 @@ OPTIONS: tuple[Option, ...] = (
          help="log the per-layer quality table (the CLI always prints it)"),
     _opt("quality_threshold", "config.quality_threshold", 30.0, "--quality-threshold", type=float,
          help="SQNR (dB) under which a layer is listed as below threshold"),
-    _opt("smoothquant", "later", False, "--smoothquant", group="rounding", action="store_true", why="SmoothQuant",
-         help="not implemented yet"),
-    _opt("smoothquant_alpha", "later", 0.5, "--smoothquant-alpha", group="rounding", type=float,
-         why="SmoothQuant (smoothquant_alpha)"),
+    _opt("smoothquant", "config.smoothquant", False, "--smoothquant", group="rounding", action="store_true",
+         help="exact smoothing folds (adaLN modulation -> Linear, V -> O, gated MLP, pre-norm affine norms) from "
+              "--calibration-data; changes two layers jointly: runtime LoRAs on folded layers no longer match"),
+    _opt("smoothquant_alpha", "config.smoothquant_alpha", 0.5, "--smoothquant-alpha", group="rounding", type=float,
+         default=None, help="fix SmoothQuant's alpha (default: searched per mapping against the W8A8 error)"),
     _opt("calibration_data_path", "config.calibration_path", None, "--calibration-data", group="rounding",
          help="calibration file (cq format from `cq.calibrate`, or the reference's .json/.safetensors)"),
     _opt("calibration_lora_path", "config.calibration_lora_path", None, "--calibration-lora", group="rounding",
@@ -185,7 +185,8 @@ OPTIONS: tuple[Option, ...] = (
          help="scale the i-th LoRA (from 0) by 0.9**i, as the reference does"),
     # ---- the reference's **converter_kwargs, and cq's own run options
     _opt("optimizer", "recipe.optimizer", None, "--optimizer", facade="kwarg", group="rounding",
-         choices=list(OPTIMIZERS), help="rtn (default), gptq, quip; original/adamw/radam: learned rounding"),
+         choices=list(OPTIMIZERS), help="rtn (default), gptq, quip; original/adamw/radam: learned rounding from "
+                                        "LDLQ (never better than LDLQ at INT8 on held-out data; see the README)"),
     _opt("scaling_mode", "recipe.scaling_mode", None, "--scaling_mode", facade="kwarg", group="output format",
          choices=list(SCALING_MODES), help="scale layout: row (default, [N,1]), axis (= row), tensor (()), block "
                                            "(int8_blockwise tiles, custom nodes only)"),
@@ -222,13 +223,13 @@ OPTIONS: tuple[Option, ...] = (
          help="kernel backend (triton needs CUDA, or TRITON_INTERPRET=1 on the CPU)"),
     _opt("device", "config.device", "auto", "--device", facade="kwarg",
          help=f"where layers are computed: {', '.join(DEVICE_CHOICES)} (auto: CUDA when available)"),
-    *(_opt(n, "later", None, f"--{n}", facade="kwarg", group="rounding", why=f"{_LEARNED} ({n})",
-           help=argparse.SUPPRESS)
+    *(_opt(n, f"learned.{n}", None, f"--{n}", facade="kwarg", group="rounding",
+           help=f"learned rounding (optimizer original/adamw/radam): {n}")
       for n in ("num_iter", "lr", "lr_schedule", "top_p", "min_k", "max_k", "lr_gamma", "lr_patience", "lr_factor",
                 "lr_min", "lr_cooldown", "lr_threshold", "lr_adaptive_mode", "lr_shape_influence",
                 "lr_threshold_mode", "early_stop_loss", "early_stop_lr", "early_stop_stall")),
-    _opt("full_matrix", "later", None, "--full_matrix", facade="kwarg", group="rounding", why=f"{_LEARNED} (full_matrix)",
-         action="store_true", help=argparse.SUPPRESS),
+    _opt("full_matrix", "learned.full_matrix", None, "--full_matrix", facade="kwarg", group="rounding",
+         action="store_true", default=None, help="learned rounding: the data-free objective on the full matrix"),
     # ---- CLI only
     _opt("legacy_format", "cli.legacy_format", False, "--legacy-format", facade=None, group="output format",
          action="store_true", help="the reference's non-comfy layout (.scale_weight); vanilla ComfyUI loads it "
@@ -272,7 +273,8 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
     unknown = sorted(set(values) - set(_BY_NAME))
     if unknown:
         raise TypeError(f"unexpected options {unknown}; see cq.options.OPTIONS for the accepted names")
-    groups: dict[str, dict[str, Any]] = {k: {} for k in ("config", "selection", "recipe", "gptq", "quip", "lora")}
+    groups: dict[str, dict[str, Any]] = {k: {} for k in ("config", "selection", "recipe", "gptq", "quip", "lora",
+                                                         "learned")}
     given: dict[str, dict[str, Any]] = {k: {} for k in groups}
     for name, value in values.items():
         opt = _BY_NAME[name]
@@ -294,9 +296,9 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
     optimizer = r.get("optimizer") or "rtn"
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer={optimizer!r} is not one of {list(OPTIMIZERS)}")
-    if optimizer in LEARNED_ROUNDING:
-        raise NotImplementedError(f"optimizer: {_LEARNED} (optimizer={optimizer!r}) is not implemented in cq yet; "
-                                  "use optimizer='gptq' or 'quip' with calibration data")
+    if given["learned"] and optimizer not in LEARNED_ROUNDING:
+        raise ConfigError(f"{sorted(given['learned'])} tune learned rounding; they need optimizer 'original', 'adamw' or "
+                          f"'radam' (got optimizer={optimizer!r})")
     mode, block_size = r.get("scaling_mode"), r.get("block_size")
     shrink = r.get("hessian_shrink")
     if shrink is not None and optimizer not in ("gptq", "quip"):
@@ -323,6 +325,12 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
             raise ConfigError(f"quip_seed={q['seed']} seeds QuIP's two-sided transform, which the ComfyUI-native "
                               "ConvRot output does not use (its rotation is fixed); drop quip_seed, or pick the "
                               "requant/transformed output")
+    elif optimizer in LEARNED_ROUNDING:
+        from .converters.learned_rounding import learned_round_config_from_legacy
+
+        learned = learned_round_config_from_legacy(optimizer=optimizer, **{k: v for k, v in groups["learned"].items()
+                                                                          if v is not None})
+        recipe = LearnedRound(granularity_for(mode, block_size), learned)
     elif optimizer == "gptq":
         g = groups["gptq"]
         if g.pop("turbo", False):

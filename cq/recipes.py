@@ -34,7 +34,7 @@ from .state import Granularity, LayerState, PerBlock, PerGroup, PerRow, PerTenso
 from .transforms import (GPTQConfig, MetricsConfig, QuIPConfig, RoundConfig, ScaleConfig, absmax_scale, check_finite,
                          check_linear, fp16_cast, gptq_update, measure, round_to_nearest)
 
-__all__ = ["RTN", "GPTQ", "QuIP", "FP16", "FP8", "Recipe", "RecipeInfo", "register_recipe", "recipe_pipeline",
+__all__ = ["RTN", "GPTQ", "QuIP", "LearnedRound", "FP16", "FP8", "Recipe", "RecipeInfo", "register_recipe", "recipe_pipeline",
            "recipe_info", "recipe_label", "registered_recipes", "with_granularity", "rtn_pipeline", "gptq_pipeline", "fp16_pipeline",
            "metrics_inputs", "measure_stage"]
 
@@ -75,6 +75,19 @@ class QuIP:
     """Incoherence + LDLQ; ``quip.resolved_output == "convrot"`` is ComfyUI-native (per-row scales)."""
 
     quip: QuIPConfig = attrs.field(factory=QuIPConfig, validator=attrs.validators.instance_of(QuIPConfig))
+
+
+@attrs.frozen
+class LearnedRound:
+    """AdaRound-style learned rounding started from LDLQ (``start``: ``"ldlq"``, ``"gptq"``, ``"rtn"``).
+
+    Never worse than its start on its own objective; at INT8 it buys nothing over LDLQ on held-out
+    data (README), so it is offered for the reference's ``optimizer=original|adamw|radam`` only.
+    """
+
+    granularity: Granularity = attrs.field(default=PerRow(), validator=_granularity)
+    learned: Any = None  # cq.transforms.learned_round.LearnedRoundConfig (None: its defaults)
+    start: str = attrs.field(default="ldlq", validator=attrs.validators.in_(("ldlq", "gptq", "rtn")))
 
 
 @attrs.frozen
@@ -275,6 +288,13 @@ def _quip(recipe: QuIP, *, backend: Backend) -> Pipeline:
 @register_recipe(FP16, quantized=False)
 def _fp16(recipe: FP16, *, backend: Backend) -> Pipeline:
     return fp16_pipeline()
+
+
+@register_recipe(LearnedRound, uses_hessian=True)
+def _learned(recipe: LearnedRound, *, backend: Backend) -> Pipeline:
+    from .transforms.learned_round import LearnedRoundConfig, learned_round_pipeline
+
+    return learned_round_pipeline(recipe.granularity, recipe.learned or LearnedRoundConfig(), start=recipe.start)
 
 
 def _fp8_measure(probe: LayerState, tokens: int, seed: int, *, backend: Backend, full_precision_matrix_mult: bool):

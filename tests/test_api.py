@@ -110,20 +110,38 @@ def test_exclude_and_presets(model_file, tmp_path):
     assert tensors["blocks.0.mlp.fc2.weight"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("name,value", [
-    (n, v) for n, v in [("smoothquant", True), ("smoothquant_alpha", 0.7), ("streaming_thresholds", {"a": 1}),
-                        ("num_iter", 10), ("lr", 0.1), ("optimizer", "adamw")]
-])
-def test_unfinished_capabilities_raise_not_implemented_naming_them(model_file, tmp_path, name, value):
+_LATER = [n for n, p in {**FACADE_PARAMETERS, **CONVERTER_KWARGS}.items() if p.kind == "later"]
+
+
+@pytest.mark.parametrize("name", _LATER or ["(none left)"])
+def test_unfinished_capabilities_raise_not_implemented_naming_them(model_file, tmp_path, name):
+    if not _LATER:
+        pytest.skip("every option of the table is implemented")
     out = tmp_path / "x.safetensors"
     with pytest.raises(NotImplementedError, match=name):
-        convert_to_int8(str(model_file), str(out), **BASE, **{name: value})
+        convert_to_int8(str(model_file), str(out), **BASE, **{name: {"a": 1}})
     assert not out.exists()
 
 
-def test_every_later_parameter_is_covered():
-    later = [n for n, p in {**FACADE_PARAMETERS, **CONVERTER_KWARGS}.items() if p.kind == "later"]
-    assert {"smoothquant", "streaming_thresholds", "num_iter"} <= set(later)
+@pytest.mark.parametrize("extra, match", [
+    (dict(smoothquant=True), "smoothquant needs calibration data"),
+    (dict(smoothquant_alpha=0.7), "needs smoothquant=True"),
+    (dict(num_iter=10), "optimizer 'original', 'adamw' or 'radam'"),
+    (dict(lr=0.1, optimizer="gptq"), "optimizer 'original', 'adamw' or 'radam'"),
+])
+def test_options_that_need_another_option_are_refused_before_reading(model_file, tmp_path, extra, match):
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(cq.ConfigError, match=match):
+        convert_to_int8(str(model_file), str(out), **BASE, **extra)
+    assert not out.exists()
+
+
+def test_learned_rounding_optimizers_run_from_the_facade(model_file, tmp_path):
+    out = tmp_path / "x.safetensors"
+    report = convert_to_int8(str(model_file), str(out), **BASE, optimizer="adamw", num_iter=5)
+    assert {r.recipe for r in report.quantized} == {"LearnedRound"}
+    assert any("cannot beat round-to-nearest" in n or "data-free" in n for n in report.notes + sum(
+        (r.notes for r in report.quantized), ()))
 
 
 def test_unknown_kwarg_is_a_type_error(model_file, tmp_path):

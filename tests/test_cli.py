@@ -89,9 +89,10 @@ def test_output_equal_to_input_refused(model_file, capsys):
     assert rc != 0 and err.startswith("cq: error:") and file_digest(model_file) == before
 
 
-def test_not_implemented_flag_is_one_line(model_file, tmp_path, capsys):
+def test_an_option_missing_its_data_is_one_line(model_file, tmp_path, capsys):
     rc, _, err = _run(capsys, "-i", str(model_file), "-o", str(tmp_path / "o.safetensors"), "--smoothquant")
-    assert rc != 0 and "SmoothQuant" in err and len(err.strip().splitlines()) == 1
+    assert rc != 0 and "--calibration-data" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_python_dash_m_entry_point(model_file, tmp_path):
