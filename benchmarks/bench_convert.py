@@ -77,20 +77,36 @@ def cq_streamed(src: str, dst: str, profile: dict | None = None) -> dict:
 
     header = read_header(src)
     sqnr = []
-    t_quant = 0.0
-    with SafetensorsWriter(dst, metadata=dict(header.metadata), forbid=[src]) as w, BackgroundWriter(w) as bw:
-        for key, t in prefetch_file(src, zero_copy=True):
-            if key.endswith(".weight") and t.ndim == 2 and t.is_floating_point() and t.numel():
+    clock = {"wait for reads": 0.0, "fused_rtn": 0.0, "wait for writes": 0.0, "commit (fsync, check)": 0.0}
+    t_start = time.perf_counter()
+    with SafetensorsWriter(dst, metadata=dict(header.metadata), forbid=[src]) as w:
+        with BackgroundWriter(w) as bw:
+            reads = prefetch_file(src, zero_copy=True)
+            while True:
                 t0 = time.perf_counter()
-                out = fused_rtn(LayerState.from_weight(key[:-len(".weight")], t))
-                t_quant += time.perf_counter() - t0
-                sqnr.append(out.metrics["sqnr_db"])
-                for name, x in layer_tensors(out).items():
+                item = next(reads, None)
+                clock["wait for reads"] += time.perf_counter() - t0
+                if item is None:
+                    break
+                key, t = item
+                t0 = time.perf_counter()
+                if key.endswith(".weight") and t.ndim == 2 and t.is_floating_point() and t.numel():
+                    out = fused_rtn(LayerState.from_weight(key[:-len(".weight")], t))
+                    sqnr.append(out.metrics["sqnr_db"])
+                    tensors = layer_tensors(out)
+                else:
+                    tensors = {key: t}
+                t1 = time.perf_counter()
+                clock["fused_rtn"] += t1 - t0
+                for name, x in tensors.items():
                     bw.add(name, x)
-            else:
-                bw.add(key, t)
+                clock["wait for writes"] += time.perf_counter() - t1
+            t0 = time.perf_counter()
+        clock["wait for writes"] += time.perf_counter() - t0  # the last queued writes
+        t0 = time.perf_counter()
+    clock["commit (fsync, check)"] += time.perf_counter() - t0
     if profile is not None:
-        profile["quantize_s"] = t_quant
+        profile.update(clock, total=time.perf_counter() - t_start)
     return {"layers": len(sqnr), "min_sqnr_db": min(sqnr) if sqnr else None}
 
 
@@ -109,14 +125,23 @@ CONVERTERS = {
 }
 
 
-def _child(name: str, src: str, dst: str) -> None:
+def _peak_rss_mib() -> float:
+    # VmHWM of this process's own address space. Not ru_maxrss: Linux carries the parent's
+    # high-water mark across fork + exec into it, which made every child report the parent's peak.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover - not Linux
+
+
+def _child(name: str, src: str, dst: str) -> None:
     t0 = time.perf_counter()
     extra = CONVERTERS[name][1](src, dst)
     seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "rss_mib": rss, **extra}))
+    print(json.dumps({"seconds": seconds, "rss_mib": _peak_rss_mib(), **extra}))
 
 
 def _run(name: str, src: str, dst: str, threads: int | None) -> dict | None:
@@ -133,36 +158,15 @@ def _run(name: str, src: str, dst: str, threads: int | None) -> dict | None:
 
 
 def _profile(src: str, dst: str) -> None:
-    """Split of the streamed path's time: read alone, quantize alone, write alone, then overlapped."""
+    """Where the streamed path's wall time goes, measured inside one overlapped run."""
     import torch
 
-    from cq.io import SafetensorsWriter
-    from cq.io.prefetch import prefetch_file
-    from cq.state import LayerState
-    from cq.transforms.fused import fused_rtn
-
-    t0 = time.perf_counter()
-    tensors = [(k, t) for k, t in prefetch_file(src) if t.ndim == 2]
-    t_read = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    outs = [fused_rtn(LayerState.from_weight(k, t)) for k, t in tensors]
-    t_quant = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with SafetensorsWriter(dst) as w:
-        for o in outs:
-            w.add(o.name + ".weight", o.codes)
-            w.add(o.name + ".weight_scale", o.scale)
-        t_add = time.perf_counter() - t0
-    t_write = time.perf_counter() - t0
-    del tensors, outs
     prof: dict = {}
-    t0 = time.perf_counter()
     cq_streamed(src, dst, prof)
-    t_all = time.perf_counter() - t0
-    print(f"\nprofile of cq streamed ({torch.get_num_threads()} threads), each step alone: read {t_read:.2f} s, "
-          f"fused_rtn {t_quant:.2f} s, write {t_add:.2f} s + commit (fsync, sampled check) {t_write - t_add:.2f} s; "
-          f"sum {t_read + t_quant + t_write:.2f} s; overlapped run {t_all:.2f} s "
-          f"(of which in fused_rtn {prof['quantize_s']:.2f} s)")
+    total = prof.pop("total")
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in prof.items())
+    print(f"\nprofile of cq streamed ({torch.get_num_threads()} threads), main thread's wall time {total:.2f} s: "
+          f"{parts} (reads and writes run in background threads; a wait is time they were behind)")
 
 
 def main(argv=None) -> int:
@@ -179,18 +183,17 @@ def main(argv=None) -> int:
         _child(*args.child)
         return 0
     import torch
-    from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
     params = args.layers * args.dim * args.dim
     with tempfile.TemporaryDirectory(dir=os.environ.get("CQ_BENCH_DIR")) as tmp:
         src = os.path.join(tmp, "model.safetensors")
-        tensors = {}
-        for i in range(args.layers):
-            tensors[f"blocks.{i}.fc.weight"] = (torch.randn(args.dim, args.dim, generator=g) * 0.02).to(torch.bfloat16)
-            tensors[f"blocks.{i}.fc.bias"] = torch.zeros(args.dim, dtype=torch.bfloat16)
-        save_file(tensors, src)
-        del tensors
+        from cq.io import SafetensorsWriter
+
+        with SafetensorsWriter(src, verify="header") as w:  # streamed: this process stays small
+            for i in range(args.layers):
+                w.add(f"blocks.{i}.fc.weight", (torch.randn(args.dim, args.dim, generator=g) * 0.02).to(torch.bfloat16))
+                w.add(f"blocks.{i}.fc.bias", torch.zeros(args.dim, dtype=torch.bfloat16))
         size = os.path.getsize(src)
         rows = []
         for name in args.only.split(","):
