@@ -131,9 +131,12 @@ def _read_huge(f, info, path: str) -> torch.Tensor:
 
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's page-cache pages in one call
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # absent where mmap has no madvise (Windows)
 
 
-def _madvise(mm: mmap.mmap, advice: int, start: int, nbytes: int) -> None:
+def _madvise(mm: mmap.mmap, advice: int | None, start: int, nbytes: int) -> None:
+    if advice is None:
+        return
     lo = start - start % _PAGE
     try:
         mm.madvise(advice, lo, nbytes + (start - lo))
@@ -162,7 +165,7 @@ def _mapped(path: str, keys, depth: int, max_bytes: int) -> Iterator[tuple[str, 
     prev = None
     for key, t in prefetch(view, header.tensors if keys is None else keys, depth=depth, max_bytes=max_bytes):
         if prev is not None:  # the consumer moved on: drop the previous tensor's pages from our RSS
-            _madvise(mm, mmap.MADV_DONTNEED, *prev)
+            _madvise(mm, _MADV_DONTNEED, *prev)
         info = header.tensors[key]
         prev = (info.start, info.nbytes) if info.nbytes else None
         yield key, t
