@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_inputs(d: Path, layers: int, dim: int) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT))
     from cq.calibrate import hessian_finalize, hessian_init, hessian_update
-    from cq.calibration_file import save_calibration
+    from cq.io.calibration import save_calibration
     from cq.io import write_safetensors
 
     g = torch.Generator().manual_seed(0)

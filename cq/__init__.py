@@ -8,7 +8,7 @@ transforms in :mod:`cq.transforms`), I/O (:mod:`cq.io`) and the reference's util
 from . import _startup  # noqa: F401 - first: `cq` started from a shell says Ctrl-C in one line, even while torch imports
 from .api import convert_to_int8
 from .calibrate import HessianStats, capture, hessian_finalize, hessian_init, hessian_update
-from .calibration_file import Calibration, attach_calibration, load_calibration, save_calibration, synthetic_hessian
+from .io.calibration import Calibration, attach_calibration, load_calibration, save_calibration, synthetic_hessian
 from .config import ConvertConfig
 from .constants import (COMPUTE_DTYPE, INT8_MAX, INT8_MIN, INT8_SYMMETRIC_MAX, SCALE_DTYPE, TARGET_INT8_DTYPE,
                         VALID_QUANT_FORMATS, FilterFlags, HessianMatrix, LayerConfig, ScaleTensor, WeightTensor)
@@ -21,7 +21,7 @@ from .transforms.quip import quip_pipeline
 from .errors import ConfigError, CqError, InputError, NonFiniteWeightError, UnsupportedBackendError
 from .io import (MemoryEfficientSafeOpen, SafetensorsWriter, UnifiedSafetensorsLoader, check_with_comfy_kitchen,
                  validate_comfy_file, write_safetensors)
-from .layer_config import create_layer_config_template, get_layer_settings, load_layer_config
+from .io.layer_config import create_layer_config_template, get_layer_settings, load_layer_config
 from .logs import get_logger, setup_logging
 from .lora_merge import LoraMergeConfig, merge_loras
 from .lora import (load_lora_for_merging, load_lora_tensors, load_multiple_loras_for_merging, lora_key_map,

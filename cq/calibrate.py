@@ -3,7 +3,7 @@
 The accumulation is a pure fold (``hessian_init`` → ``hessian_update``\\* → ``hessian_finalize``);
 :func:`capture` runs it inside forward pre-hooks on a model's ``nn.Linear`` layers while the user's
 own inputs go through the model, and returns the statistics keyed by the state-dict weight stem
-(the weight key without ``.weight``), ready for :func:`cq.calibration_file.save_calibration`.
+(the weight key without ``.weight``), ready for :func:`cq.io.calibration.save_calibration`.
 
 Example:
     >>> import torch

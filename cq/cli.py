@@ -61,7 +61,7 @@ def _dry_run(mode: str, inp: str, cfg) -> int:
             import json
 
             from .io import write_text_atomic
-            from .layer_config import create_layer_config_template
+            from .io.layer_config import create_layer_config_template
 
             path = Path(inp).with_name(Path(inp).stem + "_layer_config_template.json")
             template = create_layer_config_template(loader)

@@ -83,4 +83,4 @@ WeightTensor = torch.Tensor  # [out_features, in_features]
 ScaleTensor = torch.Tensor  # () tensor-wise, [out_features, 1] per row, [N/bs, K/bs] blockwise
 HessianMatrix = torch.Tensor  # [in_features, in_features], H = 2/T · XᵀX
 FilterFlags = Dict[str, bool]  # {preset name: enabled}
-LayerConfig = Dict[str, Any]  # see cq.layer_config.load_layer_config
+LayerConfig = Dict[str, Any]  # see cq.io.layer_config.load_layer_config

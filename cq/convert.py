@@ -160,7 +160,7 @@ class HessianSource:
         self.lora_rows: Mapping[str, torch.Tensor] = {}
         self._gaussian: dict[int, torch.Tensor] = {}
         if cfg.calibration_path:
-            from .calibration_file import load_calibration
+            from .io.calibration import load_calibration
 
             self.calibration = load_calibration(cfg.calibration_path)
         if cfg.calibration_lora_path and view is not None:
@@ -175,14 +175,14 @@ class HessianSource:
         """The ``attach_data`` config for ``plan``'s layer, or ``None`` when there is nothing to attach."""
         wants_h = not isinstance(plan.recipe, Pipeline) and recipe_info(plan.recipe).uses_hessian
         if self.calibration is not None:
-            from .calibration_file import layer_data
+            from .io.calibration import layer_data
 
             data = layer_data(self.calibration, plan.stem, k, hessian=wants_h)
             if data.hessian is not None or not wants_h or not self.cfg.synthetic_calibration:
                 return data
         if not wants_h or not self.cfg.synthetic_calibration:
             return None  # no data at all: GPTQ/LDLQ say "H = I" themselves
-        from .calibration_file import synthetic_hessian
+        from .io.calibration import synthetic_hessian
 
         rows = self.lora_rows.get(plan.key)
         note = "synthetic Gaussian Hessian (not data-aware)"
@@ -318,7 +318,7 @@ def model_transforms_for(cfg: ConvertConfig) -> tuple[ModelTransform, ...]:
         out.append(functools.partial(merge_loras, cfg=LoraMergeConfig(paths=cfg.merge_loras, scale=cfg.merge_lora_scale,
                                                                       dampen=cfg.merge_lora_dampen)))
     if cfg.smoothquant:
-        from .calibration_file import load_calibration
+        from .io.calibration import load_calibration
         from .recipes import QuIP
         from .transforms.smoothquant import SmoothQuantConfig, smoothquant
 

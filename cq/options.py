@@ -404,7 +404,7 @@ def values_from_cli(args: argparse.Namespace, output: str) -> dict[str, Any]:
                   filter_flags={name: True for name in PRESETS if getattr(args, name)},
                   seed=max(args.manual_seed, 0))
     if args.layer_config:
-        from .layer_config import load_layer_config
+        from .io.layer_config import load_layer_config
 
         values["layer_config"] = load_layer_config(args.layer_config)
     return {k: v for k, v in values.items() if not (k in CONVERTER_KWARGS and v is None)}

@@ -245,7 +245,7 @@ def gptq_pipeline(*, granularity: Granularity = PerRow(), gptq: GPTQConfig = GPT
     ``hessian_shrink > 0`` adds ``shrink_hessian`` before the scales (the :class:`GPTQ` recipe's default).
 
     Attach the layer's Hessian to the state first (``LayerState.from_weight(..., hessian=H)`` or
-    :func:`cq.calibration_file.attach_calibration`); without one GPTQ is round-to-nearest.
+    :func:`cq.io.calibration.attach_calibration`); without one GPTQ is round-to-nearest.
 
     Example:
         >>> gptq_pipeline().names

@@ -10,7 +10,7 @@ tensor data. The rules, in order (first that applies wins):
    included). 1-D/3-D/4-D tensors, integer, bool and float8 tensors (already quantized), and
    keys without ``.weight`` are copied as they are.
 3. **empty** tensors are kept.
-4. **layer config**, an explicit pattern matches (see :mod:`cq.layer_config`): ``skip`` keeps the
+4. **layer config**, an explicit pattern matches (see :mod:`cq.io.layer_config`): ``skip`` keeps the
    layer; otherwise the entry's format and settings are used. This wins over everything below.
 5. **custom_layers** (``re.search`` on the full key) → the ``custom`` settings.
 6. **exclude_layers** (``re.search`` on the full key) → the ``fallback`` format if given, else keep.
@@ -45,7 +45,7 @@ from ._validators import optional_positive_int as _opt_positive_int
 from ._validators import positive_int as _positive_int
 from .config import SCALING_MODES
 from .errors import ConfigError
-from .layer_config import load_layer_config, match_layer_config
+from .io.layer_config import load_layer_config, match_layer_config
 from .presets import PRESETS, Preset
 
 __all__ = [
@@ -203,7 +203,7 @@ class SelectionConfig:
             ``custom_layers`` it selects nothing (as in the reference).
         fallback: ``"int8"``/``"fp16"`` for layers that ``exclude_layers`` or a preset would keep.
         fallback_block_size, fallback_simple: settings of the fallback layers.
-        layer_config: a layer config (path, raw dict or :func:`~cq.layer_config.load_layer_config`
+        layer_config: a layer config (path, raw dict or :func:`~cq.io.layer_config.load_layer_config`
             result); ``layer_config_fullmatch`` uses ``re.fullmatch`` for its patterns.
         skip_inefficient_layers: ``--heur``; ``heur_block_size`` is the global block size it uses
             for block-mode layers without their own.

@@ -23,10 +23,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 import cq  # noqa: E402
 from cq.calibrate import hessian_finalize, hessian_init, hessian_update  # noqa: E402
-from cq.calibration_file import load_calibration, save_calibration  # noqa: E402
+from cq.io.calibration import load_calibration, save_calibration  # noqa: E402
 from cq.errors import CqError  # noqa: E402
 from cq.io import write_safetensors  # noqa: E402
-from cq.layer_config import load_layer_config  # noqa: E402
+from cq.io.layer_config import load_layer_config  # noqa: E402
 
 #: JSON values of every kind, nested a little
 JSON = st.recursive(

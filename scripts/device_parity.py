@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from cq import ConvertConfig, GPTQ, QuIP, RTN, convert_file  # noqa: E402
 from cq.calibrate import HessianStats  # noqa: E402
-from cq.calibration_file import save_calibration  # noqa: E402
+from cq.io.calibration import save_calibration  # noqa: E402
 from cq.io import UnifiedSafetensorsLoader, write_safetensors  # noqa: E402
 from cq.synthetic import outlier_layer  # noqa: E402
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from cq import check_with_comfy_kitchen, convert_to_int8, validate_comfy_file
 from cq.calibrate import capture
-from cq.calibration_file import save_calibration
+from cq.io.calibration import save_calibration
 
 BASE = dict(comfy_quant=True, filter_flags={}, calib_samples=64, seed=0)
 

@@ -1,4 +1,4 @@
-"""Tests for cq.calibrate (Hessian fold, capture) and cq.calibration_file (format, reader, writer)."""
+"""Tests for cq.calibrate (Hessian fold, capture) and cq.io.calibration (format, reader, writer)."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from cq.calibrate import HessianStats, capture, hessian_finalize, hessian_init, hessian_update
-from cq.calibration_file import (
+from cq.io.calibration import (
     FORMAT,
     attach_calibration,
     load_calibration,

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from cq.calibrate import HessianStats
-from cq.calibration_file import save_calibration
+from cq.io.calibration import save_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"blocks.0.attn.qkv": (48, 2048), "blocks.0.mlp.fc2": (32, 2560)}

@@ -14,7 +14,7 @@ import torch
 
 import cq.convert
 from cq.calibrate import hessian_finalize, hessian_init, hessian_update
-from cq.calibration_file import save_calibration
+from cq.io.calibration import save_calibration
 from cq.config import ConvertConfig
 from cq.convert import convert_file
 from cq.distributed import assign_layers, convert_file_distributed, layer_cost, work_dir_for

@@ -1,4 +1,4 @@
-"""Tests for cq.layer_config: both layouts, validation errors, specificity ranking, the template."""
+"""Tests for cq.io.layer_config: both layouts, validation errors, specificity ranking, the template."""
 
 import json
 import re
@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from cq.errors import ConfigError
-from cq.layer_config import (
+from cq.io.layer_config import (
     create_layer_config_template,
     generate_config_template,
     get_layer_settings,

@@ -330,7 +330,7 @@ def test_a_bad_calibration_hessian_falls_back_loudly_or_stops_when_strict(model_
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, k, generator=g)
     good = 2 / 256 * x.T @ x
-    from cq.calibration_file import save_calibration
+    from cq.io.calibration import save_calibration
 
     try:
         save_calibration(calib, {"blocks.0.attn.proj": HessianStats(bad, x.abs().amax(0), x.mean(0), 256),

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from cq import ConvertConfig, QuIP, convert_file
-from cq.calibration_file import save_calibration
+from cq.io.calibration import save_calibration
 from cq.io import validate_comfy_file
 from cq.io.comfy_kitchen_check import load_comfy_layers
 

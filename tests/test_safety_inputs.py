@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cq
-from cq.calibration_file import load_calibration
+from cq.io.calibration import load_calibration
 from cq.cli import build_parser, default_output_name, main
 from cq.errors import CqError, InputError
 from cq.io import UnifiedSafetensorsLoader, read_header, write_safetensors

@@ -79,7 +79,7 @@ def test_readme_has_a_safety_section_that_matches_the_exit_statuses():
 def test_readme_and_behaviour_agree_on_a_nan_hessian(tmp_path):
     """README: a NaN/Inf Hessian handed to a pipeline gives round-to-nearest and a warning note; one
     read from a calibration file is a damaged file and stops the run with one line."""
-    from cq.calibration_file import load_calibration
+    from cq.io.calibration import load_calibration
     from cq.errors import InputError
     from cq.io import write_safetensors
     from cq.state import LayerState

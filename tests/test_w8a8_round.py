@@ -188,7 +188,7 @@ def test_capture_gathers_w8a8_statistics_per_basis():
 
 
 def test_calibration_file_round_trips_the_w8a8_diagonals(tmp_path):
-    from cq.calibration_file import attach_calibration, load_calibration, save_calibration
+    from cq.io.calibration import attach_calibration, load_calibration, save_calibration
 
     g = torch.Generator().manual_seed(8)
     model = torch.nn.Sequential(torch.nn.Linear(64, 8)).eval()

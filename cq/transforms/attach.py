@@ -19,7 +19,7 @@ def _t(x):
 
 @attrs.frozen(eq=False)
 class LayerData:
-    """One layer's calibration data, read by the runner (or :func:`cq.calibration_file.layer_data`).
+    """One layer's calibration data, read by the runner (or :func:`cq.io.calibration.layer_data`).
 
     ``hessian`` ``[K, K]`` in the original basis (``None``: GPTQ/LDLQ use ``H = I``; ``note`` says
     why); ``stats`` (``input_absmax``, ``input_mean``, ``samples``) go to ``meta["calibration"]``

@@ -75,7 +75,7 @@ def bias_correction(state: LayerState, *, cfg: BiasCorrectionConfig = BiasCorrec
 
     Runs after rounding. Leaves the state unchanged, with a note, when the layer has no bias (no
     new tensor is created) or no calibration input mean (``meta["calibration"]["input_mean"]``, set
-    by :func:`cq.calibration_file.attach_calibration`): a correction without data would be noise.
+    by :func:`cq.io.calibration.attach_calibration`): a correction without data would be noise.
 
     Example:
         >>> from cq.transforms import absmax_scale, round_to_nearest

@@ -318,15 +318,15 @@ def _stats(value):
         return value
     if isinstance(value, Mapping):
         return _MappingStats(value)
-    raise ConfigError(f"calibration must be a cq.calibration_file.Calibration or a {{layer: HessianStats}} mapping, "
-                      f"got {type(value).__name__}; load one with cq.calibration_file.load_calibration(path)")
+    raise ConfigError(f"calibration must be a cq.io.calibration.Calibration or a {{layer: HessianStats}} mapping, "
+                      f"got {type(value).__name__}; load one with cq.io.calibration.load_calibration(path)")
 
 
 @attrs.frozen(eq=False)
 class SmoothQuantConfig:
     """How :func:`smoothquant` picks and folds factors.
 
-    ``calibration``: a loaded :class:`~cq.calibration_file.Calibration` (or ``{layer: HessianStats}``);
+    ``calibration``: a loaded :class:`~cq.io.calibration.Calibration` (or ``{layer: HessianStats}``);
     per-channel ``input_absmax`` and the Hessian of every consumer are needed (layers without them
     are skipped and listed). ``alphas``: the candidates searched per mapping; ``alpha`` fixes one
     (the reference's ``smoothquant_alpha``; the gain check still applies). ``kinds``: which fold
