@@ -211,10 +211,10 @@ def test_generate_config_template_writes_a_loadable_file(tmp_path):
 def test_generate_config_template_bad_input(tmp_path):
     from cq.errors import InputError
 
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(InputError, match="no such file"):
         generate_config_template(tmp_path / "missing.safetensors", tmp_path / "t.json")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 3)
-    with pytest.raises(InputError, match="cannot read"):
+    with pytest.raises(InputError, match="bad.safetensors: not a safetensors file"):
         generate_config_template(bad, tmp_path / "t.json")
     assert not (tmp_path / "t.json").exists()

@@ -38,16 +38,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import attrs
 import torch
 
-from .calibrate import HessianStats, hessian_finalize, hessian_init, hessian_update
-from .errors import ConfigError, InputError
-from .state import LayerState, record
+from ..calibrate import HessianStats, hessian_finalize, hessian_init, hessian_update
+from ..errors import ConfigError, InputError
+from ..state import LayerState
 
 __all__ = [
     "FORMAT",
@@ -99,8 +98,6 @@ def save_calibration(path: str | os.PathLike, stats: Mapping[str, HessianStats],
     when complete, so a crash never leaves a partial file. ``metadata`` adds free-form header
     entries (``format`` and ``samples`` are reserved). Returns the path written.
     """
-    from safetensors.torch import save_file
-
     if not stats:
         raise InputError("save_calibration: no layers to save; capture() returned nothing "
                          "(did the inputs reach any nn.Linear?)")
@@ -131,15 +128,9 @@ def save_calibration(path: str | os.PathLike, stats: Mapping[str, HessianStats],
     meta["samples"] = str(max(samples.values()))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .writer import write_safetensors
+
+    write_safetensors(path, tensors, metadata=meta)  # atomic: temp file, verified, renamed into place
     return path
 
 
@@ -184,12 +175,12 @@ class Calibration:
             return None
         if isinstance(entry, torch.Tensor):
             return entry.clone()
-        from safetensors import safe_open
+        from .loader import UnifiedSafetensorsLoader
 
         try:
-            with safe_open(str(self.path), framework="pt") as f:
+            with UnifiedSafetensorsLoader(self.path, low_memory=True) as f:
                 return f.get_tensor(entry)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, KeyError) as exc:
             raise InputError(f"{self.path}: cannot read {entry!r}: {exc}; the file changed or is damaged, "
                              "write it again with save_calibration") from None
 
@@ -298,7 +289,7 @@ class Calibration:
 
         Only the ``[K]`` diagonals are stored, so ``hessian`` and ``cross`` are ``None``.
         """
-        from .calibrate import ActivationStats
+        from ..calibrate import ActivationStats
 
         entry = self.entries.get(layer, {})
         groups = sorted({int(s.rsplit("_g", 1)[1]) for s in entry if s.startswith("w8a8_")})
@@ -359,15 +350,15 @@ def _load_reference_json(path: Path) -> Calibration:
 
 
 def _load_safetensors(path: Path) -> Calibration:
-    from safetensors import safe_open
+    from .loader import read_header
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as exc:  # safetensors raises its own SafetensorError for damaged headers
-        raise InputError(f"{path}: not a readable safetensors calibration file ({exc}); pass a file written "
-                         "by cq (save_calibration) or the reference's .json/.safetensors format") from None
+        header = read_header(path)  # the strict reader: every offset, length and dtype checked
+    except InputError as exc:
+        raise InputError(f"not a readable safetensors calibration file ({exc}); pass a file written by cq "
+                         "(save_calibration) or the reference's .json/.safetensors format") from None
+    meta = dict(header.metadata)
+    shapes = {key: tuple(info.shape) for key, info in header.tensors.items()}
     fmt = meta.get("format")
     is_cq = fmt == FORMAT or (fmt is None and any(_split(k, ("hessian",)) for k in shapes))
     if fmt is not None and fmt != FORMAT and any(_split(k, ("hessian",)) for k in shapes):
@@ -448,7 +439,7 @@ def layer_data(calibration: Calibration, layer: str, k: int, *, hessian: bool = 
 
     ``hessian=False`` skips reading the Hessian (recipes that only use the statistics).
     """
-    from .transforms.attach import LayerData
+    from ..transforms.attach import LayerData
 
     h = calibration.hessian(layer, k=k) if hessian else None
     stats = {"input_absmax": calibration.input_absmax(layer), "input_mean": calibration.input_mean(layer),
@@ -473,7 +464,7 @@ def attach_calibration(state: LayerState, calibration: Calibration, *, layer: st
     file holds original-basis statistics. (The same :func:`~cq.transforms.attach.attach_data` stage
     the file runner uses.)
     """
-    from .transforms.attach import attach_data
+    from ..transforms.attach import attach_data
 
     return attach_data(state, cfg=layer_data(calibration, layer or state.name, state.shape[1]))
 

@@ -37,7 +37,7 @@ import re
 import types
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "LAYER_CONFIG_FORMATS",
@@ -307,7 +307,7 @@ def create_layer_config_template(loader_like: Any, *, format: str = "int8_tensor
         >>> t[r"^blk\\.0\\.fc$"], load_layer_config(t)[r"^blk\\.0\\.fc$"]["scaling_mode"]
         ({'format': 'int8_tensorwise', '_shape': [32, 64]}, 'row')
     """
-    from .selection import tensor_triples, why_not_candidate  # selection imports this module
+    from ..selection import tensor_triples, why_not_candidate  # selection imports this module
 
     if format not in LAYER_CONFIG_FORMATS:
         raise ConfigError(f"template format {format!r} is not one of {list(LAYER_CONFIG_FORMATS)}")
@@ -329,35 +329,14 @@ def generate_config_template(input_file: str | os.PathLike, output_path: str | o
     Returns ``(entries written, weight tensors skipped)``. ``block_size`` is accepted for
     compatibility and unused (the reference did not use it either).
     """
-    from safetensors import SafetensorError, safe_open
+    from ..selection import tensor_triples
+    from .loader import read_header
+    from .writer import write_text_atomic
 
-    from .errors import InputError
-    from .selection import tensor_triples
-
-    source = os.fspath(input_file)
-    if not os.path.isfile(source):
-        raise InputError(f"model file not found: {source!r}")
-    try:
-        with safe_open(source, framework="pt") as f:
-            triples = []
-            for key in f.keys():
-                sl = f.get_slice(key)
-                triples.append((key, tuple(sl.get_shape()), _dtype_from_str(sl.get_dtype())))
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"cannot read {source!r} as safetensors: {e}") from None
+    header = read_header(input_file)  # the strict reader: InputError naming the file on any damage
+    triples = [(key, tuple(info.shape), info.dtype) for key, info in header.tensors.items()]
     template = create_layer_config_template(triples)
     written = sum(1 for k in template if not k.startswith("_"))
     weights = sum(1 for k, _, _ in tensor_triples(triples) if k.endswith(".weight"))
-    with open(os.fspath(output_path), "w", encoding="utf-8") as f:
-        json.dump(template, f, indent=2)
+    write_text_atomic(output_path, json.dumps(template, indent=2))
     return written, weights - written
-
-
-def _dtype_from_str(name: str):
-    import torch
-
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-             "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-             "F8_E5M2": torch.float8_e5m2}
-    return table.get(name, torch.uint8)
