@@ -50,11 +50,20 @@ def quantize_activations_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return q, s
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    # A [1, N] transpose has strides (1, 1): torch calls it contiguous, so .contiguous() keeps it, and
+    # CPU torch._int_mm then reads it wrongly (a K = 1 layer got a W8A8 error of 66576.98). A fresh
+    # row-major buffer whenever the strides are not the textbook ones.
+    if t.stride() == (t.shape[1], 1):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     # torch._int_mm is exact int32 accumulation; fall back to an exact float64 product where the
     # build lacks it (float64 represents every int32 partial sum of int8 products exactly for K < 2**37).
     try:
-        return torch._int_mm(a.contiguous(), b_t.contiguous())
+        return torch._int_mm(_row_major(a), _row_major(b_t))
     except (RuntimeError, AttributeError):
         return (a.to(torch.float64) @ b_t.to(torch.float64)).to(torch.int64)
 

@@ -134,22 +134,11 @@ def w8a8_output_error(state: LayerState, x: torch.Tensor, *, backend: Backend | 
     return _w8a8(state, x2, ref, backend)
 
 
-def _gemm_codes(codes: torch.Tensor) -> torch.Tensor:
-    """``codes`` [N, K] laid out so that ``codes.t()`` has row-major strides.
-
-    For K = 1, ``codes.t()`` is a [1, N] tensor with strides (1, 1); torch calls that contiguous,
-    so ``.contiguous()`` keeps it, and CPU ``torch._int_mm`` then reads it wrongly (a [64, 1]
-    layer reported a W8A8 error of 66576.98). Building the transpose in a fresh row-major buffer
-    sidesteps that for every shape; it costs one copy of the codes.
-    """
-    return codes.t().clone(memory_format=torch.contiguous_format).t() if codes.shape[-1] == 1 else codes
-
-
 def _w8a8(state: LayerState, x2: torch.Tensor, ref: torch.Tensor, backend) -> float:
     # A native basis (ConvRot) rotates activations exactly as the runtime does (dense per-group
     # matmul), so the activation codes, and the figure reported, are the runtime's.
     xr = state.basis.activations(x2) if state.basis is not None else x2
-    y = int8_linear(xr, _gemm_codes(state.codes), state.scale, None, backend=backend)
+    y = int8_linear(xr, state.codes, state.scale, None, backend=backend)
     den = math.sqrt(_sq(ref))
     num = math.sqrt(_sq(y - ref))
     return 0.0 if den == 0.0 and num == 0.0 else (num / den if den else math.inf)

@@ -187,3 +187,19 @@ def test_mismatched_shapes_are_refused_not_miscomputed(impl, device):
     if not any("supports" in r for r in why):  # the launcher itself also refuses a wrong-sized bias
         with pytest.raises(UnsupportedBackendError, match="bias must have N=4"):
             impl.fn(x, torch.ones(4, 16, dtype=torch.int8, device=device), scale, torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("n, k", [(64, 1), (1, 64), (1, 1), (3, 2)])
+def test_reference_is_exact_on_degenerate_shapes(n, k):
+    """A [1, N] transposed operand has strides (1, 1); torch._int_mm on CPU misread it (issue: 66576.98)."""
+    from cq.kernels.reference import int8_linear_ref, quantize_activations_ref
+
+    g = torch.Generator().manual_seed(n * 31 + k)
+    x = torch.randn(8, k, generator=g)
+    codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, 1, generator=g) + 0.1
+    qx, sx = quantize_activations_ref(x)
+    exact = (qx.double() @ codes.double().t()) * sx.double() * scale.double().t()
+    y = int8_linear_ref(x, codes, scale).double()
+    # int32 accumulation is exact; the only error is float32 rescaling: ≤ 2 roundings of 2^-24 relative
+    assert torch.allclose(y, exact, rtol=2 ** -22, atol=0)
