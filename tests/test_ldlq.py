@@ -4,6 +4,8 @@ import attrs
 import pytest
 import torch
 
+from tests.rotation_stand_ins import OneSidedBasis
+
 from cq.errors import ConfigError
 from cq.state import LayerState, PerGroup, PerRow, PerTensor
 from cq.transforms import ScaleConfig, absmax_scale, reconstruct, rel_output_error, round_to_nearest
@@ -101,7 +103,7 @@ def test_inputs_untouched_and_weight_kept():
 
 
 @attrs.frozen(eq=False)
-class _Orthogonal:
+class _Orthogonal(OneSidedBasis):
     """A dense orthogonal input rotation (stand-in for the Hadamard/convrot rotations)."""
 
     r: torch.Tensor
@@ -115,23 +117,6 @@ class _Orthogonal:
     def comfy_fields(self):
         return {}
 
-    # cq.state.Basis over rotate/unrotate (a one-sided input rotation)
-    native = False
-
-    def to_working(self, w):
-        return self.rotate(w)
-
-    def to_original(self, w):
-        return self.unrotate(w)
-
-    def hessian_to_working(self, h):
-        return self.unrotate(self.unrotate(h).T).T  # Rᵀ H R
-
-    def hessian_to_original(self, h):
-        return self.rotate(self.rotate(h).T).T  # R H Rᵀ
-
-    def activations(self, x):
-        return self.rotate(x)
 
 
 

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+
+from tests.rotation_stand_ins import OneSidedBasis
 from safetensors.torch import save_file
 
 from cq.errors import CqError, InputError
@@ -226,7 +228,7 @@ def test_unmatched_entries_are_reported_and_slices_need_shapes():
 # the merge_lora transform
 
 
-class _Perm:
+class _Perm(OneSidedBasis):
     """A permutation of the input dimension: an orthogonal rotation for tests."""
 
     def __init__(self, k, seed):
@@ -242,23 +244,6 @@ class _Perm:
     def comfy_fields(self):
         return {}
 
-    # cq.state.Basis over rotate/unrotate (a one-sided input rotation)
-    native = False
-
-    def to_working(self, w):
-        return self.rotate(w)
-
-    def to_original(self, w):
-        return self.unrotate(w)
-
-    def hessian_to_working(self, h):
-        return self.unrotate(self.unrotate(h).T).T  # Rᵀ H R
-
-    def hessian_to_original(self, h):
-        return self.rotate(self.rotate(h).T).T  # R H Rᵀ
-
-    def activations(self, x):
-        return self.rotate(x)
 
 
 def test_transform_merges_into_weight_and_original():

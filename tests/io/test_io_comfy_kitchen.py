@@ -8,6 +8,8 @@ import attrs
 import pytest
 import torch
 
+from tests.rotation_stand_ins import OneSidedBasis
+
 pytest.importorskip("comfy_kitchen")
 
 from comfy_kitchen.tensor.int8_utils import _build_hadamard  # noqa: E402
@@ -112,7 +114,7 @@ def test_header_overrides_tensors_like_comfyui(tmp_path):
 
 
 @attrs.frozen
-class ComfyConvRot:
+class ComfyConvRot(OneSidedBasis):
     """ComfyUI's ConvRot: ``W_rot = W · blockdiag(Hᵀ)`` with comfy-kitchen's regular Hadamard H."""
 
     k: int
@@ -131,23 +133,7 @@ class ComfyConvRot:
     def comfy_fields(self):
         return {"convrot": True, "convrot_groupsize": self.g}
 
-    # cq.state.Basis over rotate/unrotate (a one-sided input rotation)
     native = True
-
-    def to_working(self, w):
-        return self.rotate(w)
-
-    def to_original(self, w):
-        return self.unrotate(w)
-
-    def hessian_to_working(self, h):
-        return self.unrotate(self.unrotate(h).T).T  # Rᵀ H R
-
-    def hessian_to_original(self, h):
-        return self.rotate(self.rotate(h).T).T  # R H Rᵀ
-
-    def activations(self, x):
-        return self.rotate(x)
 
 
 def test_convrot_layer_dequantizes_to_the_original_basis(tmp_path):
