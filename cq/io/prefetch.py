@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError, CqError
 
-__all__ = ["prefetch", "prefetch_file", "BackgroundWriter"]
+__all__ = ["prefetch", "prefetch_file", "BackgroundWriter", "PrefetchView"]
 
 _DONE = object()
 
@@ -303,3 +303,62 @@ class BackgroundWriter:
             self._failed = exc
             self._q.put(_DONE)
             self._thread.join()
+
+
+class PrefetchView:
+    """A model view (``cq.model.ModelView``) whose ``tensor(key)`` is served by read-ahead.
+
+    ``order`` is the order the runner will ask for tensors (its plan order, weights with their
+    biases). A request for the next key of that order is served from :func:`prefetch_file`; any
+    other request is read directly from ``view`` (and that key is skipped when the stream reaches
+    it), so a runner that deviates from ``order`` stays correct, only slower. Everything else
+    (``keys``, ``shape``, ``dtype``, ``metadata``...) is ``view``'s. Close it (or use ``with``) to
+    stop the reader thread.
+
+    Example:
+        >>> import tempfile
+        >>> from cq.io import write_safetensors
+        >>> from cq.model import DictView
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = os.path.join(d, "m.safetensors")
+        ...     write_safetensors(p, {"a": torch.zeros(2), "b": torch.ones(2)})
+        ...     with PrefetchView(DictView({}), p, ["a", "b"]) as v:
+        ...         v.tensor("a").tolist(), v.tensor("b").tolist()
+        ([0.0, 0.0], [1.0, 1.0])
+    """
+
+    def __init__(self, view, path: str | os.PathLike, order: Iterable[str], *, depth: int = 2,
+                 max_bytes: int = 512 << 20, zero_copy: bool = True):
+        self._view = view
+        self._order = list(order)
+        self._next = 0
+        self._served_directly: set[str] = set()
+        self._stream = prefetch_file(path, self._order, depth=depth, max_bytes=max_bytes, zero_copy=zero_copy)
+
+    def __getattr__(self, name):  # keys, shape, dtype, metadata, path, __contains__ helpers...
+        return getattr(self._view, name)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._view
+
+    def tensor(self, key: str) -> torch.Tensor:
+        while self._next < len(self._order) and self._order[self._next] in self._served_directly:
+            self._served_directly.discard(self._order[self._next])
+            next(self._stream)  # a tensor already read directly: drop the stream's copy
+            self._next += 1
+        if self._next < len(self._order) and self._order[self._next] == key:
+            k, t = next(self._stream)
+            self._next += 1
+            return t
+        if key in self._order[self._next:]:
+            self._served_directly.add(key)
+        return self._view.tensor(key)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> "PrefetchView":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

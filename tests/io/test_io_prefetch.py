@@ -11,7 +11,7 @@ import torch
 
 from cq.errors import ConfigError, CqError
 from cq.io import SafetensorsWriter, UnifiedSafetensorsLoader, write_safetensors
-from cq.io.prefetch import BackgroundWriter, prefetch, prefetch_file
+from cq.io.prefetch import BackgroundWriter, PrefetchView, prefetch, prefetch_file
 
 
 def _tensors(n=6):
@@ -111,3 +111,18 @@ def test_caller_error_aborts_the_file(tmp_path):
             bw.add("b", torch.ones(1))
     with UnifiedSafetensorsLoader(tmp_path / "x.safetensors") as f:
         assert f.keys() == []
+
+
+def test_prefetch_view_serves_the_plan_order_and_stays_right_out_of_order(tmp_path):
+    from cq.model import DictView
+
+    data = _tensors()
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, data)
+    with PrefetchView(DictView(data), path, list(data)) as v:
+        assert v.keys() == list(data) and v.shape("t2") == tuple(data["t2"].shape)
+        assert torch.equal(v.tensor("t0"), data["t0"])
+        assert torch.equal(v.tensor("t3"), data["t3"])  # out of order: read directly
+        for k in ["t1", "t2", "t4", "t5"]:  # t3 is skipped in the stream
+            assert torch.equal(v.tensor(k), data[k]), k
+        assert torch.equal(v.tensor("t0"), data["t0"])  # again, after the stream: directly
