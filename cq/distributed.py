@@ -48,8 +48,9 @@ import attrs
 import torch
 
 from .config import ConvertConfig, resolve_device
-from .errors import CqError, InputError
-from .memory import MemoryPolicy, layer_device, plan_budget, policy_for_config, warn_unused_thresholds
+from .errors import ConfigError, CqError, InputError
+from .memory import (MemoryPolicy, available_memory, layer_device, plan_budget, policy_for_config,
+                     warn_unused_thresholds)
 
 __all__ = ["convert_file_distributed", "layer_cost", "assign_layers", "run_fingerprint", "work_dir_for",
            "world_size", "WORK_SUFFIX"]
@@ -478,12 +479,28 @@ def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConf
         work = work_dir_for(output_file)
         with UnifiedSafetensorsLoader(input_file, low_memory=True) as header_only:
             # Planned from the header (and small stored scales): the budget is checked before the
-            # tier's loader reads the weights.
+            # tier's loader reads the weights. Rank 0 decides for every rank, so that all of them
+            # run one tier or all stop with the same error; the processes of one machine share its
+            # memory, so each gets its share.
             header = header_only.header
-            _, _, plans, _ = _prepare(header_only, cfg, plan, model_transforms)
-            budget = plan_budget(plans, header, policy, metrics_tokens=cfg.metrics_tokens)
-            policy = budget.policy  # "auto" resolved
-            log.debug("%s", budget.describe())
+            decision: tuple[Any, str | None] = (None, None)
+            if group.rank == 0:
+                _, _, plans, _ = _prepare(header_only, cfg, plan, model_transforms)
+                local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                try:
+                    budget = plan_budget(plans, header, policy, metrics_tokens=cfg.metrics_tokens,
+                                         available=available_memory() // local)
+                    log.debug("%s", budget.describe())
+                    p = budget.policy  # sent as plain values (the policy holds a read-only mapping)
+                    decision = ((p.tier, p.preload, p.read_ahead_bytes), None)
+                except ConfigError as e:
+                    decision = (None, str(e) + (f" (per process: {local} processes share this machine)"
+                                                if local > 1 else ""))
+            resolved, refusal = group.broadcast(decision)
+            if refusal is not None:
+                raise ConfigError(refusal)
+            tier, preload, read_ahead = resolved
+            policy = attrs.evolve(policy, tier=tier, preload=preload, read_ahead_bytes=read_ahead)
         with UnifiedSafetensorsLoader(input_file, low_memory=not policy.preload) as loader:
             view, run_cfg, plans, edits = _prepare(loader, cfg, plan, model_transforms)
             hessians = HessianSource(run_cfg, view)
