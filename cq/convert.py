@@ -358,6 +358,23 @@ def _hoist_repeated_notes(reports: list[LayerReport]) -> list[LayerReport]:
     return [attrs.evolve(r, notes=tuple(n for n in r.notes if n not in repeated)) for r in reports]
 
 
+def _kept_tensors(p: LayerPlan, view, edits: ModelEdits) -> tuple[dict[str, torch.Tensor], dict | None, str | None]:
+    """A kept tensor as written: unchanged, edited (in its own dtype), or a decoded fp8 layer's own codes."""
+    stored = view.stored(p.key)
+    if stored is not None and p.key not in edits:
+        # a decoded fp8 layer that stays: its own codes in ComfyUI's layout, no new rounding
+        from .io.fp8_inputs import passthrough_tensors
+
+        return passthrough_tensors(view.base, stored), {**dict(stored.conf), "format": stored.format}, None
+    t = view.tensor(p.key)
+    if p.key not in edits:
+        return {p.key: t}, None, None
+    if stored is None:
+        return {p.key: edits.apply(p.key, t).to(t.dtype)}, None, None
+    return ({p.key: edits.apply(p.key, t).to(torch.bfloat16)}, None,
+            "kept layer decoded from fp8 and edited by a model transform: written as bfloat16")
+
+
 def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = ConvertConfig(), *,
                  plan: Callable[[LayerPlan], LayerPlan] | None = None,
                  model_transforms: Iterable[ModelTransform] = (),
@@ -371,7 +388,6 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
     """
     from .io import NonNativeFormatWarning, SafetensorsWriter, UnifiedSafetensorsLoader, quantization_metadata
     from .io.comfy import NATIVE_FORMATS
-
     from .io.paths import check_outputs
 
     # Before anything is read: the output must not replace a file the run reads (any spelling or link).
@@ -414,24 +430,13 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
                 if progress is not None:
                     progress(p.key, p.recipe_name() if p.action == "quantize" else None, done, total)
                 if p.action == "keep":
-                    stored = view.stored(p.key)
-                    if stored is not None and p.key not in edits:
-                        # a decoded fp8 layer that stays: its own codes in ComfyUI's layout, no new rounding
-                        from .io.fp8_inputs import passthrough_tensors
-
-                        tensors = passthrough_tensors(view.base, stored)
-                        for name, t in tensors.items():
-                            writer.add(name, t)
-                        entries[stored.stem] = {**dict(stored.conf), "format": stored.format}
-                    else:
-                        t = view.tensor(p.key)
-                        if p.key in edits:
-                            out_dtype = torch.bfloat16 if stored is not None else t.dtype
-                            if stored is not None:
-                                notes_log.layer(p.stem, ["kept layer decoded from fp8 and edited by a model "
-                                                         "transform: written as bfloat16"])
-                            t = edits.apply(p.key, t).to(out_dtype)
-                        writer.add(p.key, t)
+                    tensors, entry, note = _kept_tensors(p, view, edits)
+                    for name, t in tensors.items():
+                        writer.add(name, t)
+                    if entry is not None:
+                        entries[p.stem] = entry
+                    if note:
+                        notes_log.layer(p.stem, [note])
                     kept += 1
                     reports.append(LayerReport(name=p.key, action="keep", reason=p.reason, shape=tuple(view.shape(p.key)),
                                                source=view.note(p.key)))
