@@ -131,21 +131,24 @@ print(json.dumps(result))
 def test_a_model_larger_than_the_memory_limit_converts_within_the_aggressive_budget(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {f"blocks.{i}.fc.weight": (torch.randn(1024, 1024, generator=g) * 0.02).to(torch.bfloat16)
-               for i in range(64)}
+               for i in range(72)}
     src = tmp_path / "m.safetensors"
     write_safetensors(src, tensors)
     plans = plan_model(DictView({k: tensors[k] for k in list(tensors)[:1]}), ConvertConfig())
     budget = layer_working_set(plans[0], (1024, 1024), 2)
-    limit_mib = budget // MiB + 16  # the budget and a little for the interpreter's own allocations
+    limit_mib = budget // MiB + 24  # the budget and a little for the interpreter's own allocations
     assert src.stat().st_size > 2 * limit_mib * MiB  # the model is more than twice the limit
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1",
+    # One malloc arena and a fixed mmap threshold: large buffers go back to the system when freed,
+    # so the address space tracks what is held rather than the allocator's history.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "out.safetensors"), str(limit_mib)],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
+    print(result)  # shown by pytest when an assertion below fails
     assert "streaming_mode='off'" in result["off"] and "use streaming_mode='balanced'" in result["off"]
-    assert result["aggressive"] > 64 * 1024 * 1024 and result["same"] is True
+    assert result["aggressive"] > 72 * 1024 * 1024 and result["same"] is True
     assert result["whole"] == "refused"
 
 
