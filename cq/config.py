@@ -136,6 +136,8 @@ class ConvertConfig:
     metrics_tokens: int = attrs.field(default=64, validator=attrs.validators.ge(0))
     quality_threshold: float = 30.0
     low_memory: bool = False
+    #: host-memory tier and GPU offload thresholds (cq.memory.MemoryPolicy); None: from low_memory
+    memory: Any = None
     backend: Backend = attrs.field(default=Backend.AUTO, converter=Backend)
     device: str = attrs.field(default="auto", validator=_device)
 

@@ -378,8 +378,11 @@ def _kept_tensors(p: LayerPlan, view, edits: ModelEdits) -> tuple[dict[str, torc
 def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = ConvertConfig(), *,
                  plan: Callable[[LayerPlan], LayerPlan] | None = None,
                  model_transforms: Iterable[ModelTransform] = (),
-                 progress: ProgressFn | None = None) -> ConversionReport:
+                 progress: ProgressFn | None = None, layer_source: Callable | None = None) -> ConversionReport:
     """Convert ``input_file`` to ``output_file`` following ``cfg``; returns the per-layer report.
+
+    ``layer_source`` replaces :func:`convert_layer` (same signature and result): a distributed run
+    reads the layers its ranks converted (:mod:`cq.distributed`).
 
     ``plan`` rewrites per-tensor plans (see :class:`LayerPlan` and the module example);
     ``model_transforms`` run after the config's own (LoRA merge). Tensors are read one at a time
@@ -393,13 +396,22 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
     # Before anything is read: the output must not replace a file the run reads (any spelling or link).
     check_outputs({"input": input_file, "calibration": cfg.calibration_path, "calibration LoRA": cfg.calibration_lora_path,
                    "LoRA": list(cfg.merge_loras)}, {"output": output_file})
+    from .memory import layer_device, plan_budget, policy_for_config, warn_unused_thresholds
+
     start = time.perf_counter()
     device = resolve_device(cfg.device)
+    policy = policy_for_config(cfg)
+    warn_unused_thresholds(policy, device)
+    with UnifiedSafetensorsLoader(input_file, low_memory=True) as header_only:  # the budget before any weight is read
+        hview, _, _ = open_model(header_only, cfg)
+        policy = plan_budget(plan_model(hview, resolve_selection(hview, cfg)[0], plan=plan), header_only.header,
+                             policy, metrics_tokens=cfg.metrics_tokens).policy
+    source = layer_source or convert_layer
     reports: list[LayerReport] = []
     entries: dict[str, dict] = {}
     kept = removed = 0
     notes_log = _NoteLog()
-    with UnifiedSafetensorsLoader(input_file, low_memory=cfg.low_memory) as loader:
+    with UnifiedSafetensorsLoader(input_file, low_memory=not policy.preload) as loader:
         view, inputs, input_notes = open_model(loader, cfg)
         cfg, detection, why = resolve_selection(view, cfg)
         log.log(15, "%s; %s", detection.describe().splitlines()[0], why)  # VERBOSE; the CLI prints it after the table
@@ -442,7 +454,8 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
                                                source=view.note(p.key)))
                 else:
                     t0 = time.perf_counter()
-                    tensors, report, entry = convert_layer(p, view, cfg, edits, hessians, device)
+                    dev = layer_device(p, loader.header.tensors[p.key].shape, device, policy)
+                    tensors, report, entry = source(p, view, cfg, edits, hessians, dev)
                     for name, t in tensors.items():
                         writer.add(name, t)
                     if entry is not None:  # the header repeats exactly what the tensor says

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -37,7 +36,6 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 import warnings
 import zlib
@@ -391,19 +389,8 @@ def _convert_mine(todo, owner, rank, view, cfg, edits, hessians, device, policy,
     return None
 
 
-_RUNNER_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _layers_from_shards(work: Path, shards: dict[str, str]):
-    """Within the block, :func:`cq.convert.convert_file` takes each quantized layer from its shard.
-
-    The single-process runner then writes the file — kept tensors, metadata, reports, notes — so
-    the bytes are its bytes by construction. The runner's ``convert_layer`` is swapped for a shard
-    reader for the duration (under a lock; restored on exit): cq.convert has no hook for a layer
-    source yet.
-    """
-    from . import convert as runner
+def _shard_reader(work: Path, shards: dict[str, str]):
+    """A ``layer_source`` for :func:`cq.convert.convert_file`: each quantized layer read from its shard."""
     from .io import UnifiedSafetensorsLoader
 
     def from_shard(plan, view, cfg, edits, hessians, device):
@@ -419,13 +406,7 @@ def _layers_from_shards(work: Path, shards: dict[str, str]):
             tensors = {name: s.get_tensor(name) for name in s.keys()}
         return tensors, _report_from(meta), json.loads(meta["cq.entry"])
 
-    with _RUNNER_LOCK:
-        real = runner.convert_layer
-        runner.convert_layer = from_shard
-        try:
-            yield
-        finally:
-            runner.convert_layer = real
+    return from_shard
 
 
 def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConfig = ConvertConfig(), *,
@@ -440,7 +421,7 @@ def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConf
     after a successful write (the default removes them). An interrupted run (Ctrl-C, a crash, a
     killed rank) keeps its completed shards in :func:`work_dir_for` ``(output_file)``; rerunning the
     same command resumes from them, with any number of processes. Rank 0 writes the output with
-    :func:`cq.convert.convert_file` itself, each quantized layer read from its shard, so the file,
+    :func:`cq.convert.convert_file` itself (``layer_source``: each layer read from its shard), so the file,
     the report and the notes are the single-process ones (a layer's ``seconds`` is its compute time
     on its rank only in the shard's metadata; the report counts the read).
 
@@ -526,9 +507,9 @@ def convert_file_distributed(input_file: str, output_file: str, cfg: ConvertConf
         if group.rank == 0:
             try:
                 shards = {rec["key"]: rec["shard"] for rec in _records(work, fingerprint)}
-                with _layers_from_shards(work, shards):
-                    report = convert_file(input_file, output_file, cfg, plan=plan, model_transforms=model_transforms,
-                                          progress=progress)
+                report = convert_file(input_file, output_file, attrs.evolve(cfg, memory=policy), plan=plan,
+                                      model_transforms=model_transforms, progress=progress,
+                                      layer_source=_shard_reader(work, shards))
                 if not keep_work:
                     shutil.rmtree(work, ignore_errors=True)
             except BaseException as e:

@@ -137,7 +137,9 @@ OPTIONS: tuple[Option, ...] = (
          help="read each tensor from disk on demand"),
     _opt("streaming_mode", "config.streaming_mode", "balanced", "--streaming-mode", choices=list(STREAMING_MODES),
          help="any mode but 'off' reads tensors lazily from disk (cq holds one layer at a time)"),
-    _opt("streaming_thresholds", "later", None, why="per-step GPU offload thresholds (streaming_thresholds)"),
+    _opt("streaming_thresholds", "config.streaming_thresholds", None,
+         help="per-key overrides of the tier's GPU offload thresholds (hadamard_elements, hessian_dim, ldlq_dim, "
+              "ortho_dim)"),
     _opt("no_memory_limits", "noop", False, "--no-memory-limits", action="store_true",
          why="cq has no memory guard to disable: it processes one layer at a time"),
     _opt("report_quality", "cli.report_quality", False, "--report-quality", action="store_true",
@@ -288,9 +290,12 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
                 given[opt.kind][name] = value
 
     fields = dict(groups["config"])
-    fields["low_memory"] = bool(fields.get("low_memory")) or fields.pop("streaming_mode", "balanced") != "off"
-    if values.get("streaming_mode", "balanced") not in STREAMING_MODES:
-        raise ConfigError(f"streaming_mode={values['streaming_mode']!r} is not one of {list(STREAMING_MODES)}")
+    from .memory import memory_policy
+
+    mode = fields.pop("streaming_mode", "balanced")
+    fields["memory"] = memory_policy(mode, low_memory=bool(fields.get("low_memory")),
+                                     streaming_thresholds=fields.pop("streaming_thresholds", None))
+    fields["low_memory"] = bool(fields.get("low_memory")) or mode != "off"
 
     r = groups["recipe"]
     optimizer = r.get("optimizer") or "rtn"

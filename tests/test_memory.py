@@ -116,7 +116,8 @@ except ConfigError as e:
     result["off"] = str(e)
 convert_file_distributed(src, out, cfg, memory=memory_policy("aggressive"))
 result["aggressive"] = os.path.getsize(out)
-convert_file(src, out + ".single", cfg)  # the single-process runner streams within the same limit
+import attrs
+convert_file(src, out + ".single", attrs.evolve(cfg, memory=memory_policy("aggressive")))  # the same limit
 result["same"] = filecmp.cmp(out, out + ".single", shallow=False)  # 8 KiB at a time
 try:
     torch.empty(os.path.getsize(src), dtype=torch.uint8)  # the limit is real: the model does not fit in memory
@@ -160,3 +161,14 @@ def test_thresholds_on_a_cpu_run_warn(tmp_path):
     with pytest.warns(UserWarning, match=r"\['hessian_dim'\] have no effect"):
         convert_file_distributed(src, tmp_path / "o.safetensors", ConvertConfig(device="cpu"),
                                  memory=memory_policy("balanced", streaming_thresholds={"hessian_dim": 64}))
+
+
+def test_facade_streaming_thresholds_take_the_reference_keys(model_file, tmp_path):
+    from cq import convert_to_int8
+
+    base = dict(comfy_quant=True, filter_flags={}, calib_samples=64, seed=0)
+    with pytest.raises(ConfigError, match="streaming_thresholds key 'a' is not one of"):
+        convert_to_int8(str(model_file), str(tmp_path / "x.safetensors"), **base, streaming_thresholds={"a": 1})
+    with pytest.warns(UserWarning, match="have no effect"):  # a CPU run has no GPU step to move
+        convert_to_int8(str(model_file), str(tmp_path / "y.safetensors"), **base, device="cpu",
+                        streaming_thresholds={"hessian_dim": 1024})
