@@ -24,6 +24,7 @@ from cq.transforms.hadamard import (
     sylvester_hadamard,
     transform_plan,
 )
+from tests.float_bounds import gamma, gamma_prob
 
 F64 = torch.float64
 
@@ -146,8 +147,12 @@ def test_kron_apply_works_on_float32_and_batched_leading_dims():
     x = torch.randn(2, 3, 96, generator=torch.Generator().manual_seed(1))
     y = t.apply(x)
     assert y.dtype == torch.float32 and y.shape == x.shape
-    ref = (x.to(F64) @ t.matrix()).to(torch.float32)
-    assert torch.allclose(y, ref, atol=1e-5)
+    ref = x.to(F64) @ t.matrix()
+    # 96 = 12 ⊗ 8: two float32 GEMMs (12 and 8 terms) with factors rounded to float32 (one more
+    # rounding each), signs exact: worst case γ_{13+9}·|x|·|M| elementwise (γ of chained products adds).
+    # A missing sign vector, factor or transpose moves y by O(|y|) ≈ 1: far outside 1.3e-6·Σ|x||M|.
+    n_eff = sum(f.shape[0] + 1 for f in t.factors)
+    assert bool(((y.to(F64) - ref).abs() <= gamma(n_eff) * (x.to(F64).abs() @ t.matrix().abs())).all())
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 12, 20, 43, 64, 96, 100, 255, 256, 300])
@@ -237,5 +242,16 @@ def test_float32_application_error_is_tiny_at_real_sizes():
     t = orthogonal_transform(4096, seed=1)
     y = t.apply(x)
     ref = t.apply(x.to(F64))
-    assert float((y.to(F64) - ref).abs().max()) < 1e-5
-    assert float((t.apply_t(y).to(F64) - x.to(F64)).abs().max()) < 1e-5
+    # 4096 = 64 ⊗ 64 (Sylvester, ±1/8 entries: exact in float32): 128 accumulated roundings per output.
+    # The worst case γ_128·Σ|x||M| ≈ 4e-4 assumes every rounding error aligned; the probabilistic
+    # γ̃_128(λ=8) ≈ 5.4e-6 relative to Σ|x||M| (≈ 51 here) holds in any summation order with
+    # probability ≥ 1 − 1e-8 per output (tests.float_bounds.gamma_prob): ~2.8e-4 absolute, against
+    # outputs of size ~1 that a wrong factor, sign or bf16 computation would move by ≥ 1e-2.
+    abs_m = t.matrix().abs()
+    n_eff = sum(f.shape[0] + 1 for f in t.factors)
+    e1 = y.to(F64) - ref
+    assert bool((e1.abs() <= gamma_prob(n_eff) * (x.to(F64).abs() @ abs_m)).all())
+    # Round trip: apply_t(y) − x = (fl(y·Mᵀ) − y·Mᵀ) + e1·Mᵀ exactly (M orthogonal): the forward error
+    # carried through Mᵀ plus the back transform's own rounding, bounded as above.
+    back = t.apply_t(y).to(F64) - x.to(F64)
+    assert bool(((back - e1 @ t.matrix().T).abs() <= gamma_prob(n_eff) * (y.to(F64).abs() @ abs_m.T)).all())

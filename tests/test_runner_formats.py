@@ -39,7 +39,11 @@ def test_fp8_per_layer_mixed_with_int8_and_fp16_loads_in_comfy_kitchen(model_fil
     assert validate_comfy_file(str(out)) == []
     src = make_model_tensors()
     res = check_with_comfy_kitchen(str(out), {s: src[s + ".weight"] for s in ("blocks.0.attn.qkv", "blocks.0.attn.proj")})
-    assert res["blocks.0.attn.qkv"]["dequant_rel_err"] < 0.05  # e4m3: 3 mantissa bits, ≤ 2^-4 relative per value
+    # Quality against the float original (seeded data, elementwise dequantize: CPU-independent), not
+    # parity. e4m3 has 3 mantissa bits: ≤ 2⁻⁴ relative per normal value (worst case 0.0625 for the
+    # whole tensor), ≈ 0.027 RMS on Gaussian weights; bf16 dequantize adds ≤ 2⁻⁷. Per-row INT8:
+    # ≈ √(2·ln 2K)/(127·√12) ≈ 0.008 on Gaussian rows (tests/test_api.py::test_files_load_in_comfy_kitchen).
+    assert res["blocks.0.attn.qkv"]["dequant_rel_err"] < 0.05
     assert res["blocks.0.attn.proj"]["dequant_rel_err"] < 0.012
     assert "float8_e4m3fn" in stdout
 
