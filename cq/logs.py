@@ -29,6 +29,10 @@ ROOT_LOGGER = "cq"
 class _CqHandler(logging.StreamHandler):
     """Writes to the stream given, or to whatever ``sys.stderr`` is at emit time (pytest swaps it)."""
 
+    #: How :func:`setup_logging` recognises its own handlers, even those of another copy of this
+    #: module (a doctest import of ``cq/logs.py`` is a second module object with its own class).
+    cq_handler = True
+
     def __init__(self, stream: TextIO | None):
         super().__init__(stream)
         self._fixed = stream
@@ -78,13 +82,13 @@ def setup_logging(level: str | int = "NORMAL", *, stream: TextIO | None = None,
         >>> log = setup_logging("VERBOSE", stream=buf)
         >>> log.log(VERBOSE, "detail"); log.debug("hidden")
         >>> _ = setup_logging("VERBOSE", stream=buf)
-        >>> buf.getvalue(), len(log.handlers)
+        >>> buf.getvalue(), sum(getattr(h, "cq_handler", False) for h in log.handlers)
         ('detail\\n', 1)
         >>> reset_logging()
     """
     logger = logging.getLogger(ROOT_LOGGER)
     lvl = _level(level)
-    for h in [h for h in logger.handlers if isinstance(h, _CqHandler)]:
+    for h in [h for h in logger.handlers if getattr(h, "cq_handler", False)]:
         logger.removeHandler(h)
         h.close()
     handler = _CqHandler(stream)
@@ -98,7 +102,7 @@ def setup_logging(level: str | int = "NORMAL", *, stream: TextIO | None = None,
 def reset_logging() -> None:
     """Undo :func:`setup_logging`: remove its handler, reset the level, propagate to the root again."""
     logger = logging.getLogger(ROOT_LOGGER)
-    for h in [h for h in logger.handlers if isinstance(h, _CqHandler)]:
+    for h in [h for h in logger.handlers if getattr(h, "cq_handler", False)]:
         logger.removeHandler(h)
         h.close()
     logger.setLevel(logging.NOTSET)
