@@ -95,3 +95,21 @@ def norm_gap(numel: int) -> float:
     """Relative error of a float64 ``‖·‖`` of ``numel`` terms (``γ_{n+2}`` at u = 2⁻⁵³): what two
     float64 relative-error computations may differ by when their float32 inputs agree exactly."""
     return gamma(numel + 2, 2.0 ** -53)
+
+
+def rel_error_interval(d_exact: torch.Tensor, e_d: torch.Tensor, ref_exact: torch.Tensor, e_ref: torch.Tensor,
+                       u: float = U32) -> tuple[float, float]:
+    """Interval that a float32-computed ``‖d‖ / ‖ref‖`` (``torch.linalg.vector_norm`` of each, any
+    reduction order) must fall in, given float64 ``d_exact``/``ref_exact`` and elementwise bounds
+    ``e_d``/``e_ref`` on how far the float32 operands are from them.
+
+    Each norm of n entries is within ``γ_{n+2}`` relative of the norm of its float32 operand, which is
+    within ``‖e‖`` of the exact norm (triangle inequality); the quotient and float64 conversions add
+    2⁻⁵². Example: cq's W8A8 metric against a float64 model of the runtime.
+    """
+    g = gamma(d_exact.numel() + 2, u)
+    nd, ned = float(d_exact.norm()), float(e_d.to(F64).norm())
+    nr, ner = float(ref_exact.norm()), float(e_ref.to(F64).norm())
+    lo = max(nd - ned, 0.0) * (1 - g) / ((nr + ner) * (1 + g))
+    hi = (nd + ned) * (1 + g) / (max(nr - ner, 0.0) * (1 - g)) if nr > ner else float("inf")
+    return lo * (1 - 2.0 ** -52), hi * (1 + 2.0 ** -52)
