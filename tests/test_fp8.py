@@ -138,7 +138,6 @@ def _fp8_forward_gap(x, s, in_scale, y, y_ck, bias=None):
     added before or after that rounding) adds at most one more rounding of ``|b|``. A wrong
     activation or weight scale, or a rounding flip of a whole code, moves outputs by ≫ this.
     """
-    k = x.shape[-1]
     xf = x.float()
     s_x = in_scale if in_scale is not None else x.abs().amax().float() / 448  # the bf16 amax, as both use
     x_hat = xf.abs() * (1 + 2 ** -4) + 2 ** -10 * float(s_x)
