@@ -27,7 +27,12 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def gamma(n: int, u: float = U32) -> float:
-    """``γ_n = n·u / (1 − n·u)``: relative bound of ``n`` accumulated roundings."""
+    """``γ_n = n·u / (1 − n·u)``: relative bound of ``n`` accumulated roundings.
+
+    Example:
+        >>> f"{gamma(300):.2e}", f"{gamma(4, UBF16):.2e}"  # a 300-term float32 sum; four bf16 roundings
+        ('1.79e-05', '1.59e-02')
+    """
     assert n * u < 1, (n, u)
     return n * u / (1 - n * u)
 
@@ -76,7 +81,12 @@ def gamma_prob(n: int, lam: float = LAMBDA, u: float = U32) -> float:
     Approach to Probabilistic Rounding Error Analysis*, SISC 2019, Thm 2.4): with rounding errors
     modelled as independent and mean-zero, an n-term dot product in any order is within
     ``γ̃_n(λ)·Σ|a||b|`` of the exact value with probability ≥ ``1 − 2n·exp(−λ²(1 − u)²/2)``. Used
-    where the worst case ``γ_n`` (errors all aligned) is too loose to catch anything at large n."""
+    where the worst case ``γ_n`` (errors all aligned) is too loose to catch anything at large n.
+
+    Example:
+        >>> round(gamma(4096) / gamma_prob(4096), 1)  # √n/λ = 64/8 times tighter at n = 4096
+        8.0
+    """
     import math
 
     return math.expm1(lam * math.sqrt(n) * u + n * u * u / (1 - u))
