@@ -139,7 +139,8 @@ def _fp8_forward_gap(x, s, in_scale, y, y_ck, bias=None):
     activation or weight scale, or a rounding flip of a whole code, moves outputs by ≫ this.
     """
     xf = x.float()
-    s_x = in_scale if in_scale is not None else x.abs().amax().float() / 448  # the bf16 amax, as both use
+    # dynamic s_x: amax/448 evaluated in bf16 by both sides, within (1 + 2⁻⁷) of this float32 value
+    s_x = in_scale if in_scale is not None else x.abs().amax().float() / 448 * (1 + 2 ** -7)
     x_hat = xf.abs() * (1 + 2 ** -4) + 2 ** -10 * float(s_x)
     w_hat = s.codes.float() * s.scale.float()
     acc_gap = matmul_gap(x_hat, w_hat, extra_roundings=2)
