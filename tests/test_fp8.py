@@ -131,9 +131,9 @@ def _fp8_forward_gap(x, s, in_scale, y, y_ck, bias=None):
 
     Products of two e4m3 values are exact in float32 (4-bit significands), so each float32
     accumulation of K of them, any order or blocking, plus the two scale products is within
-    ``γ_{K+2}·Σ|x̂||ŵ|`` of the exact value: the pair differs by twice that. ``|x̂| ≤ (1 + 2⁻⁴)|x| +
-    2⁻¹⁰·s_x`` (e4m3: 3 mantissa bits, subnormal half-spacing 2⁻¹⁰) bounds the activations without
-    re-quantizing them; the weight codes are known. Each output is then one bf16 rounding of its
+    ``γ_{K+2}·Σ|x̂||ŵ|`` of the exact value: the pair differs by twice that. ``|x̂| ≤ (1 + 2⁻⁴)(1 + 2⁻⁶)|x|
+    + 2⁻¹⁰·s_x`` (e4m3: 3 mantissa bits, subnormal half-spacing 2⁻¹⁰; the bf16 reciprocal and product
+    before it) bounds the activations without re-quantizing them; the weight codes are known. Each output is then one bf16 rounding of its
     float32 value, ≤ 2⁻⁸/(1 − 2⁻⁸) of the rounded result; a bias (cast to bf16 as ComfyUI does,
     added before or after that rounding) adds at most one more rounding of ``|b|``. A wrong
     activation or weight scale, or a rounding flip of a whole code, moves outputs by ≫ this.
@@ -141,7 +141,8 @@ def _fp8_forward_gap(x, s, in_scale, y, y_ck, bias=None):
     xf = x.float()
     # dynamic s_x: amax/448 evaluated in bf16 by both sides, within (1 + 2⁻⁷) of this float32 value
     s_x = in_scale if in_scale is not None else x.abs().amax().float() / 448 * (1 + 2 ** -7)
-    x_hat = xf.abs() * (1 + 2 ** -4) + 2 ** -10 * float(s_x)
+    # e4m3 of x·bf16(1/s_x) rounded in bf16: (1 + 2⁻⁸)² < 1 + 2⁻⁶ on top of e4m3's 1 + 2⁻⁴
+    x_hat = xf.abs() * ((1 + 2 ** -4) * (1 + 2 ** -6)) + 2 ** -10 * float(s_x)
     w_hat = s.codes.float() * s.scale.float()
     acc_gap = matmul_gap(x_hat, w_hat, extra_roundings=2)
     r = UBF16 / (1 - UBF16)
