@@ -24,6 +24,7 @@ Example (a per-layer plan of your own: keep every attention projection at per-te
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -250,7 +251,10 @@ def convert_layer(plan: LayerPlan, view: ModelView, cfg: ConvertConfig, edits: M
         bias_dtype = b.dtype
         bias = edits.apply(plan.bias_key, b)
     data = hessians(plan, w.shape[1])
-    state = LayerState.from_weight(stem, w.to(torch.float32), bias=bias).to(device)
+    body = recipe_pipeline(plan.recipe, backend=cfg.backend)
+    # A fused first stage reads the stored dtype itself (one sweep); everything else works in float32.
+    direct = body.names[:1] == ("fused_rtn",) and data is None and plan.key not in edits
+    state = LayerState.from_weight(stem, w if direct else w.to(torch.float32), bias=bias).to(device)
     # The metric inputs depend on the Hessian the layer will see; draw them from the attached one.
     # The metric inputs follow the Hessian the recipe will see (after any fold): draw them from there.
     head = pipeline(*([stage(attach_data, data)] if data is not None else []), *edits.stages.get(plan.key, ()))
@@ -392,6 +396,7 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
     from .io import NonNativeFormatWarning, SafetensorsWriter, UnifiedSafetensorsLoader, quantization_metadata
     from .io.comfy import NATIVE_FORMATS
     from .io.paths import check_outputs
+    from .io.prefetch import BackgroundWriter
 
     # Before anything is read: the output must not replace a file the run reads (any spelling or link).
     check_outputs({"input": input_file, "calibration": cfg.calibration_path, "calibration LoRA": cfg.calibration_lora_path,
@@ -411,7 +416,8 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
     entries: dict[str, dict] = {}
     kept = removed = 0
     notes_log = _NoteLog()
-    with UnifiedSafetensorsLoader(input_file, low_memory=not policy.preload) as loader:
+    with contextlib.ExitStack() as stack:
+        loader = stack.enter_context(UnifiedSafetensorsLoader(input_file, low_memory=not policy.preload))
         view, inputs, input_notes = open_model(loader, cfg)
         cfg, detection, why = resolve_selection(view, cfg)
         log.log(15, "%s; %s", detection.describe().splitlines()[0], why)  # VERBOSE; the CLI prints it after the table
@@ -421,11 +427,20 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
             log.warning("warning: %s", w)
         hessians = HessianSource(cfg, view)
         total = sum(loader.header.tensors[p.key].nbytes for p in plans if p.action != "remove")
+        if not policy.preload and policy.read_ahead_bytes > 0:
+            # Read the next tensors while this one is quantized (bounded by the memory tier's read-ahead);
+            # the decoding of stored fp8/int8 layers stays on top of it.
+            from .io.fp8_inputs import DecodedView
+            from .io.prefetch import PrefetchView
+
+            order = [k for p in plans if p.action in ("quantize", "keep") for k in (p.key, p.bias_key) if k]
+            view = DecodedView(stack.enter_context(PrefetchView(view.base, input_file, order, zero_copy=False,
+                                                               max_bytes=policy.read_ahead_bytes)), inputs)
         done = 0
         metadata = dict(loader.metadata() or {})
         metadata.pop("_quantization_metadata", None)  # regenerated below from this run's layers
-        with SafetensorsWriter(output_file, metadata=metadata, forbid=[input_file]) as writer, \
-                warnings.catch_warnings():
+        with SafetensorsWriter(output_file, metadata=metadata, forbid=[input_file]) as file_writer, \
+                BackgroundWriter(file_writer) as writer, warnings.catch_warnings():
             # The writer warns about layouts vanilla ComfyUI cannot load; here they were asked for
             # explicitly through the config, and the report notes them once instead of per layer.
             warnings.simplefilter("ignore", NonNativeFormatWarning)
@@ -470,7 +485,8 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
             for layer in inputs.keep.values():  # int8 layers copied from the input keep their header entry
                 entries.setdefault(layer.stem, {**dict(layer.conf), "format": layer.format})
             if cfg.save_quant_metadata and entries:
-                writer.update_metadata({"_quantization_metadata": quantization_metadata(entries)})
+                writer.flush()
+                file_writer.update_metadata({"_quantization_metadata": quantization_metadata(entries)})
     notes = list(input_notes) + list(edits.warnings)
     odd = sorted({r.format for r in reports if r.action == "quantize" and r.format not in NATIVE_FORMATS
                   and r.format != "fp16"})

@@ -170,8 +170,8 @@ def recipe_pipeline(recipe: Recipe | Pipeline, *, backend: Backend | str = Backe
     """The pipeline of ``recipe`` (a :class:`~cq.pipeline.Pipeline` is its own recipe).
 
     Example:
-        >>> recipe_pipeline(RTN()).names
-        ('check_finite', 'absmax_scale', 'round_to_nearest')
+        >>> recipe_pipeline(RTN()).names, recipe_pipeline(RTN(PerTensor())).names
+        (('fused_rtn',), ('check_finite', 'absmax_scale', 'round_to_nearest'))
         >>> recipe_pipeline(QuIP()).names
         ('check_finite', 'shrink_hessian', 'convrot', 'scale', 'scale_search', 'ldlq')
     """
@@ -269,6 +269,12 @@ def fp16_pipeline() -> Pipeline:
 
 @register_recipe(RTN)
 def _rtn(recipe: RTN, *, backend: Backend) -> Pipeline:
+    if recipe.granularity == PerRow() and backend is not Backend.TRITON:
+        # One sweep per weight: codes, scales and the weight metrics from the stored dtype (the
+        # ``quantize_rows`` kernel; bit-identical to rtn_pipeline's codes and scales).
+        from .transforms.fused import FusedRTNConfig, fused_rtn
+
+        return pipeline(stage(fused_rtn, FusedRTNConfig(backend=backend)))
     return rtn_pipeline(recipe.granularity, backend=backend)
 
 

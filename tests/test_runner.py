@@ -115,7 +115,13 @@ def test_an_unregistered_recipe_fails_when_the_config_is_built():
 
 
 def test_recipe_pipelines_are_the_same_stages_the_facade_runs():
-    assert recipe_pipeline(RTN()).names == cq.rtn_pipeline().names
+    assert recipe_pipeline(RTN()).names == ("fused_rtn",)  # one sweep; same codes as cq.rtn_pipeline()
+    assert recipe_pipeline(RTN(), backend="triton").names == cq.rtn_pipeline().names
+    from cq.state import LayerState
+
+    w = torch.randn(33, 70, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    fused, plain = recipe_pipeline(RTN())(LayerState.from_weight("fc", w)), cq.rtn_pipeline()(LayerState.from_weight("fc", w.float()))
+    assert torch.equal(fused.codes, plain.codes) and torch.equal(fused.scale, plain.scale)
     assert recipe_pipeline(GPTQ(PerBlock(64))).names == ("check_linear", "check_finite", "shrink_hessian",
                                                          "absmax_scale", "gptq_update")
     assert recipe_pipeline(GPTQ(hessian_shrink=0)).names == ("check_linear", "check_finite", "absmax_scale", "gptq_update")
