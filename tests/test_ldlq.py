@@ -137,3 +137,25 @@ def test_rotated_state_rounds_in_the_working_basis():
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError):
         LDLQConfig(**kwargs)
+
+
+def test_the_feedback_loop_rounds_through_the_kernel_registry(monkeypatch):
+    """GPTQ/LDLQ's per-column rounding is the registry's quantize_int8 (Triton on CUDA), not a private copy."""
+    from cq.kernels import _registry
+    from cq.kernels import KernelImpl, quantize_int8_ref
+    from cq.transforms import ScaleConfig, absmax_scale
+
+    calls = []
+
+    def spy(w, s):
+        calls.append(tuple(w.shape))
+        return quantize_int8_ref(w, s)
+
+    impls = [KernelImpl(op="quantize_int8", name="spy", fn=spy, priority=100)] + list(_registry._REGISTRY["quantize_int8"])
+    monkeypatch.setitem(_registry._REGISTRY, "quantize_int8", impls)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 32, generator=g)
+    x = torch.randn(256, 32, generator=g)
+    out = ldlq(absmax_scale(LayerState.from_weight("fc", w, hessian=2 / 256 * x.T @ x), cfg=ScaleConfig(PerRow())))
+    assert calls.count((8,)) == 32  # one call per column, each rounding the 8 rows of that column
+    assert out.codes.dtype == torch.int8

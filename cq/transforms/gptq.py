@@ -78,7 +78,7 @@ class GPTQConfig:
 
 
 def gptq_solve(wt: torch.Tensor, s32: torch.Tensor, lower_rev: torch.Tensor, block_size: int,
-               inner: int) -> torch.Tensor:
+               inner: int, *, backend: Backend | str = Backend.AUTO) -> torch.Tensor:
     """GPTQ on a transposed weight ``wt`` [K, N] (updated in place) given ``C``, ``J H J = C Cᵀ``.
 
     ``Hinv = U`` (upper Cholesky factor of ``H⁻¹``); column ``i`` is rounded, its error
@@ -91,9 +91,10 @@ def gptq_solve(wt: torch.Tensor, s32: torch.Tensor, lower_rev: torch.Tensor, blo
         # Hinv form only at float ties). float64 keeps GPTQ's own form: the law tests compare the two.
         from .ldlq import ldlq_solve
 
-        return ldlq_solve(wt, s32, lower_rev, block_size, inner)
+        return ldlq_solve(wt, s32, lower_rev, block_size, inner, backend=backend)
     u = inverse_cholesky_upper(lower_rev)
-    return feedback_columns(wt, s32, u, block_size=block_size, inner=inner, divide=u.diagonal().clone())
+    return feedback_columns(wt, s32, u, block_size=block_size, inner=inner, divide=u.diagonal().clone(),
+                            backend=backend)
 
 
 def gptq_update(state: LayerState, *, cfg: GPTQConfig = GPTQConfig()) -> LayerState:

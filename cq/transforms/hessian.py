@@ -19,7 +19,7 @@ import attrs
 import torch
 
 from ..errors import ConfigError, InputError
-from ..kernels import quantize_int8
+from ..kernels import Backend, quantize_int8, select
 from ..state import LayerState, PerRow, PerTensor, record
 from .rounding import _need_scale, int8_format
 from .scales import expand_scale
@@ -516,7 +516,7 @@ def one_thread(t: torch.Tensor | None = None):
 
 def feedback_columns(wt: torch.Tensor, s32: torch.Tensor, coef: torch.Tensor, *, block_size: int,
                      inner: int = INNER_BLOCK, divide: torch.Tensor | None = None,
-                     targets: torch.Tensor | None = None) -> torch.Tensor:
+                     targets: torch.Tensor | None = None, backend: Backend | str = Backend.AUTO) -> torch.Tensor:
     """Round the rows of ``wt`` ([K, N]: column ``k`` of the weight is row ``k``) left to right.
 
     Row ``i`` is rounded to ``q_i = clamp(round(wt_i / s_i), ±127)`` (float32 division, as
@@ -529,9 +529,11 @@ def feedback_columns(wt: torch.Tensor, s32: torch.Tensor, coef: torch.Tensor, *,
     Updates are lazy: rank-1 inside sub-blocks of ``inner`` rows, one GEMM per sub-block for the
     rest of the ``block_size`` block, one GEMM per block for all later rows. ``wt`` is updated in
     place (pass a private copy); ``s32`` is ``[1, N]`` (one scale per weight row) or ``[K, N]``.
-    Returns the int8 codes ``[K, N]``.
+    Returns the int8 codes ``[K, N]``. Each row is rounded by the ``quantize_int8`` kernel that
+    ``backend`` selects (chosen once per call: the torch reference on the CPU, Triton on CUDA).
     """
     k, n = wt.shape
+    round_row = select("quantize_int8", backend, (wt[:1], s32[:1])).fn
     dtype = wt.dtype
     codes = torch.empty((k, n), dtype=torch.int8, device=wt.device)
     per_column = s32.shape[0] > 1
@@ -553,7 +555,7 @@ def feedback_columns(wt: torch.Tensor, s32: torch.Tensor, coef: torch.Tensor, *,
                 for i in range(j1, j2):
                     row = i if per_column else 0
                     w = wt[i]
-                    q = torch.round(w.to(torch.float32) / s32[row]).clamp_(-127, 127)
+                    q = round_row(w, s32[row])
                     codes[i].copy_(q)
                     w_hat = q.to(dtype).mul_(sw[row])
                     e = err[i - i1]
@@ -580,7 +582,7 @@ def feedback_round(state: LayerState, cfg, *, stage: str, solve) -> LayerState:
     """Shared body of :func:`~cq.transforms.gptq.gptq_update` and :func:`~cq.transforms.ldlq.ldlq`.
 
     ``cfg`` carries ``damping, actorder, block_size, lazy_batch, precision, never_worse_than_rtn,
-    metrics, backend``. ``solve(wt, s32, lower_rev, block_size, inner)`` rounds the permuted,
+    metrics, backend``. ``solve(wt, s32, lower_rev, block_size, inner, *, backend)`` rounds the permuted,
     transposed weight given the Cholesky factor of the reversed damped Hessian and returns codes
     ``[K, N]``. Handles H = None (identity: exactly RTN), non-finite H and failed factorizations
     (RTN with a warning note), act-order, dead columns and the metrics.
@@ -663,7 +665,7 @@ def feedback_round(state: LayerState, cfg, *, stage: str, solve) -> LayerState:
     s32 = s32.contiguous()
     block = cfg.block_size if cfg.lazy_batch else k
     inner = INNER_BLOCK if cfg.lazy_batch else k
-    codes_t = solve(wt, s32, chol.lower, block, inner)
+    codes_t = solve(wt, s32, chol.lower, block, inner, backend=cfg.backend)
     if perm is not None:
         unperm = torch.empty_like(codes_t)
         unperm[perm] = codes_t

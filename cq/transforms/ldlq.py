@@ -33,7 +33,7 @@ class LDLQConfig:
 
 
 def ldlq_solve(wt: torch.Tensor, s32: torch.Tensor, lower_rev: torch.Tensor, block_size: int,
-               inner: int) -> torch.Tensor:
+               inner: int, *, backend: Backend | str = Backend.AUTO) -> torch.Tensor:
     """LDLQ on a transposed weight ``wt`` [K, N] (updated in place) given ``C``, ``J H J = C Cᵀ``.
 
     With ``H = Mᵀ D M`` (``M`` unit lower), column ``k`` is rounded as
@@ -42,7 +42,8 @@ def ldlq_solve(wt: torch.Tensor, s32: torch.Tensor, lower_rev: torch.Tensor, blo
     """
     m, _ = ldl_from_reversed_cholesky(lower_rev)
     targets = wt.clone()
-    return feedback_columns(wt, s32, m.t().neg(), block_size=block_size, inner=inner, targets=targets)
+    return feedback_columns(wt, s32, m.t().neg(), block_size=block_size, inner=inner, targets=targets,
+                            backend=backend)
 
 
 def ldlq(state: LayerState, *, cfg: LDLQConfig = LDLQConfig()) -> LayerState:

@@ -227,7 +227,7 @@ class QuIPLDLQConfig:
 
 def _segmented_solve(segments: int):
     def solve(wt: torch.Tensor, s32: torch.Tensor, lower_rev: torch.Tensor, block_size: int,
-              inner: int) -> torch.Tensor:
+              inner: int, *, backend: Backend | str = Backend.AUTO) -> torch.Tensor:
         # wt is [K, N]: LDLQ's feedback runs down the K axis independently for every weight row
         # (column of wt), so row segments sharing one factorization give the same codes while the
         # working copies (targets, error blocks) are N/segments wide.
@@ -237,7 +237,7 @@ def _segmented_solve(segments: int):
         for a in range(0, n, step):
             b = min(a + step, n)
             s_part = s32[:, a:b].contiguous()
-            parts.append(ldlq_solve(wt[:, a:b].contiguous(), s_part, lower_rev, block_size, inner))
+            parts.append(ldlq_solve(wt[:, a:b].contiguous(), s_part, lower_rev, block_size, inner, backend=backend))
         return torch.cat(parts, dim=1)
 
     return solve
