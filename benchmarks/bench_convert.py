@@ -8,7 +8,9 @@ Rows:
 
 * naive eager script: ``safetensors.torch.load_file`` → per-row absmax RTN in float32 for every
   2-D ``.weight`` → ``save_file`` (what a user writes by hand; holds the whole model in memory);
-* ``cq convert_file``: the runner as the CLI calls it (default per-row RTN, metrics on);
+* ``cq default``: the runner as the facade and the CLI call it by default (fused per-row RTN from the
+  stored dtype, read-ahead within the balanced tier, background writes, the per-layer report);
+* ``cq --low-memory``: the same with the smallest memory tier (no read-ahead);
 * ``cq streamed``: cq's speed pieces composed the way the runner is meant to call them:
   :func:`cq.io.prefetch.prefetch_file` reads ahead, :func:`cq.transforms.fused.fused_rtn` quantizes
   straight from bf16 and forms the report's weight metrics in the same sweep, a
@@ -60,29 +62,21 @@ def naive(src: str, dst: str) -> dict:
 def cq_convert_file(src: str, dst: str) -> dict:
     from cq.api import convert_to_int8
 
+    rep = convert_to_int8(src, dst, comfy_quant=True, filter_flags={}, calib_samples=1, seed=0)
+    sq = [r.metrics.get("sqnr_db") for r in rep.quantized]
+    return {"layers": len(sq), "min_sqnr_db": min(sq) if sq else None}
+
+
+def cq_low_memory(src: str, dst: str) -> dict:
+    from cq.api import convert_to_int8
+
     rep = convert_to_int8(src, dst, comfy_quant=True, filter_flags={}, calib_samples=1, seed=0, low_memory=True)
     sq = [r.metrics.get("sqnr_db") for r in rep.quantized]
     return {"layers": len(sq), "min_sqnr_db": min(sq) if sq else None}
 
 
-def cq_fused_plan(src: str, dst: str) -> dict:
-    """``convert_file`` with the RTN recipe swapped for ``fused_rtn`` through the ``plan`` hook (no other change)."""
-    from cq.config import ConvertConfig
-    from cq.convert import convert_file
-    from cq.pipeline import pipeline, stage
-    from cq.transforms.fused import fused_rtn
-
-    fused = pipeline(stage(fused_rtn))
-    rep = convert_file(src, dst, ConvertConfig(low_memory=True),
-                       plan=lambda p: p.with_recipe(fused) if p.action == "quantize" else p)
-    sq = [r.metrics.get("sqnr_db") for r in rep.quantized]
-    return {"layers": len(sq), "min_sqnr_db": min(sq) if sq else None}
-
-
 def cq_streamed(src: str, dst: str, profile: dict | None = None) -> dict:
-    """cq's pieces in the order the runner is meant to call them (see the module docstring)."""
-    import torch
-
+    """cq's pieces composed by hand, without the runner's planning and report (see the module docstring)."""
     from cq.io import SafetensorsWriter, read_header
     from cq.io.comfy import layer_tensors
     from cq.io.prefetch import BackgroundWriter, prefetch_file
@@ -133,8 +127,9 @@ def peer(src: str, dst: str) -> dict:
 
 CONVERTERS = {
     "naive": ("naive eager script (load_file → RTN → save_file)", naive),
-    "cq": ("cq convert_file (CLI default, --low-memory, metrics on)", cq_convert_file),
-    "cq-fused": ("cq convert_file, RTN recipe swapped for fused_rtn (plan hook)", cq_fused_plan),
+    "cq": ("cq default (convert_to_int8 / CLI defaults: fused RTN, read-ahead, background writes, report on)",
+           cq_convert_file),
+    "cq-low-memory": ("cq --low-memory (no read-ahead: the smallest memory tier)", cq_low_memory),
     "cq-streamed": ("cq streamed: prefetch → fused_rtn → background write", cq_streamed),
     "peer": ("convert_to_quant (peer tool)", peer),
 }
@@ -190,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3, help="runs per converter (min and spread are reported)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every converter")
-    ap.add_argument("--only", default="naive,cq,cq-streamed,peer", help="comma-separated converters to run")
+    ap.add_argument("--only", default="naive,cq,cq-low-memory,cq-streamed,peer", help="comma-separated converters to run")
     ap.add_argument("--profile", action="store_true", help="also print the streamed path's time split")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
