@@ -359,7 +359,7 @@ def test_a_bad_calibration_hessian_falls_back_loudly_or_stops_when_strict(model_
 
 
 def test_report_output_errors_are_estimated_on_strided_rows_with_exact_weight_metrics():
-    """Big layers: output and W8A8 errors on 512 evenly strided rows (independent dot products), weight
+    """Big layers: output and W8A8 errors on 256 evenly strided rows (independent dot products), weight
     metrics over every element. The estimate of a ratio of sums over 512 of 2048 iid rows is within a few %."""
     from cq.recipes import REPORT_OUTPUT_ROWS
     from cq.state import LayerState
@@ -371,7 +371,7 @@ def test_report_output_errors_are_estimated_on_strided_rows_with_exact_weight_me
     s = recipe_pipeline(RTN())(LayerState.from_weight("fc", w))
     full = measure(s, cfg=MetricsConfig(x=x)).metrics
     est = measure(s, cfg=MetricsConfig(x=x, output_rows=REPORT_OUTPUT_ROWS)).metrics
-    assert est["output_rows"] == 512 and "output_rows" not in full
+    assert est["output_rows"] == REPORT_OUTPUT_ROWS and "output_rows" not in full
     assert est["sqnr_db"] == s.metrics["sqnr_db"]  # exact weight metrics, from the fused sweep
     for k in ("rel_out_x", "w8a8"):
         assert abs(est[k] / full[k] - 1) < 0.05, (k, est[k], full[k])
