@@ -149,16 +149,11 @@ class MetricsConfig:
     """What :func:`measure` computes.
 
     ``x``: input rows [T, K] for output and W8A8 errors (none: only the Hessian-based output error,
-    when the state has a Hessian, and weight-space metrics). ``output_rows``: estimate the output and
-    W8A8 errors of an unrotated row/tensor-scaled layer on at most this many evenly strided output
-    rows (each output row is an independent dot product, so the ratio of sums is an unbiased estimate;
-    ``metrics["output_rows"]`` says how many were used); ``None``: every row. Weight metrics are
-    always exact.
+    when the state has a Hessian, and weight-space metrics).
     """
 
     x: torch.Tensor | None = attrs.field(default=None, repr=lambda t: "None" if t is None else f"Tensor{tuple(t.shape)}")
     backend: Backend = attrs.field(default=Backend.AUTO, converter=Backend)
-    output_rows: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))
 
 
 #: Rows per block in :func:`_rowwise_metrics`: keeps the error block in cache (a whole-weight
@@ -202,32 +197,6 @@ def _rowwise_metrics(state: LayerState, original: torch.Tensor, x2: torch.Tensor
     return m, torch.cat(refs, dim=1)
 
 
-_WEIGHT_KEYS = ("mse", "sqnr_db", "max_error")
-
-
-def _sampled_measure(state: LayerState, original: torch.Tensor, x2: torch.Tensor, cfg: MetricsConfig) -> LayerState:
-    """Exact weight metrics (reused when a fused stage already formed them); output and W8A8 errors on
-    evenly strided output rows (the runner's report on big layers: 8× fewer GEMM flops at 4096 rows)."""
-    n = original.shape[0]
-    same_basis = state.original is None or state.original is state.weight
-    if same_basis and all(k in state.metrics for k in _WEIGHT_KEYS):
-        m = {k: state.metrics[k] for k in _WEIGHT_KEYS}
-    else:
-        m, _ = _rowwise_metrics(state, original, None)
-    rows = torch.arange(0, n, -(-n // cfg.output_rows), device=original.device)
-    per_row = isinstance(state.granularity, PerRow)
-    sub_w = original.index_select(0, rows)
-    sub = attrs.evolve(state, weight=sub_w, original=sub_w, codes=state.codes.index_select(0, rows),
-                       scale=state.scale.index_select(0, rows) if per_row else state.scale)
-    out, ref = _rowwise_metrics(sub, sub_w, x2)
-    m["rel_out_x"] = out["rel_out_x"]
-    if state.hessian is not None and "rel_out_h" not in state.metrics:
-        m["rel_out_h"] = rel_output_error(state.weight, working_dequantized(state), hessian=state.hessian)
-    m["w8a8"] = _w8a8(sub, x2, ref.to(torch.float32), cfg.backend)
-    m["output_rows"] = int(rows.numel())
-    return record(state, "measure", cfg, metrics=m)
-
-
 def measure(state: LayerState, *, cfg: MetricsConfig = MetricsConfig()) -> LayerState:
     """Record weight-space and output-space quality metrics in ``state.metrics``.
 
@@ -241,9 +210,6 @@ def measure(state: LayerState, *, cfg: MetricsConfig = MetricsConfig()) -> Layer
     if not original.numel():
         return record(state, "measure", cfg, metrics=weight_metrics(original, original))
     x2 = None if cfg.x is None else cfg.x.detach().reshape(-1, cfg.x.shape[-1]).to(torch.float32)
-    n = original.shape[0]
-    if _rowwise_ok(state, original) and x2 is not None and cfg.output_rows and n > cfg.output_rows:
-        return _sampled_measure(state, original, x2, cfg)
     if _rowwise_ok(state, original):
         m, ref = _rowwise_metrics(state, original, x2)
     else:
