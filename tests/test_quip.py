@@ -378,7 +378,7 @@ def test_converter_accepts_bf16_weights_and_no_hessian():
 
 def test_converter_refuses_smoothquant_and_bad_input():
     c = QuIPInt8Converter(device="cpu")
-    with pytest.raises(NotImplementedError, match="SmoothQuant"):
+    with pytest.raises(ConfigError, match="SmoothQuant factor must fold into a neighbouring layer"):
         c.convert(torch.randn(4, 16), activation_scales=torch.ones(16))
     with pytest.raises(InputError, match="2-D float weight"):
         c.convert(torch.randn(16))

@@ -190,8 +190,10 @@ class QuIPInt8Converter:
                 smoothquant_alpha: float = 0.5) -> QuIPResult:
         """Quantize one ``[N, K]`` weight (``H``: ``[K, K]`` Hessian ``2/T·XᵀX``, ``None`` → identity)."""
         if activation_scales is not None:
-            raise NotImplementedError("activation_scales: SmoothQuant is not implemented in cq yet "
-                                      "(pass activation_scales=None)")
+            raise ConfigError("activation_scales: a SmoothQuant factor must fold into a neighbouring layer, which a "
+                              "one-weight converter cannot see (scaling this weight alone changes the model's "
+                              "output); use the model-level --smoothquant (cq.transforms.smoothquant), or pass "
+                              "activation_scales=None")
         if not isinstance(W, torch.Tensor) or W.ndim != 2 or not W.is_floating_point() or W.numel() == 0:
             raise InputError(f"QuIPInt8Converter.convert needs a non-empty 2-D float weight, got "
                              f"{type(W).__name__ if not isinstance(W, torch.Tensor) else (W.dtype, tuple(W.shape))}")
