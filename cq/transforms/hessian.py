@@ -673,8 +673,12 @@ def feedback_round(state: LayerState, cfg, *, stage: str, solve) -> LayerState:
     codes = codes_t.t().contiguous()
     extra = {"damp": chol.damp / (prep.base * unit), "cholesky_tries": chol.tries}
     if cfg.metrics:
-        e = weight.to(torch.float32) - codes.to(torch.float32) * s_exp
-        e_rtn = weight.to(torch.float32) - rtn_of().to(torch.float32) * s_exp
+        # The loss of the layer as stored: codes dequantized in float32 (as the runtime does). Small
+        # problems subtract in float64, so that a near-tie between GPTQ/LDLQ and RTN (a singular H) is
+        # decided on the true losses, not on float32 rounding of the errors.
+        ed = torch.float64 if n * k * k <= 2 ** 31 else torch.float32
+        e = weight.to(ed) - (codes.to(torch.float32) * s_exp).to(ed)
+        e_rtn = weight.to(ed) - (rtn_of().to(torch.float32) * s_exp).to(ed)
         sig, loss, loss_rtn = quadratic_forms([weight, e, e_rtn], h)
         d = (chol.lower.diagonal().to(torch.float64) ** 2).flip(0) / unit
         dead_p = prep.dead if perm is None else prep.dead[perm]
