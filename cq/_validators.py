@@ -27,3 +27,14 @@ def positive_int(instance, attribute, value):
 def optional_positive_int(instance, attribute, value):
     if value is not None:
         positive_int(instance, attribute, value)
+
+
+def backend(value):
+    """Converter: a :class:`cq.kernels.Backend` from its name, or a ConfigError listing the names."""
+    from .kernels import Backend
+
+    try:
+        return Backend(value)
+    except ValueError:
+        raise ConfigError(f"backend={value!r} must be one of {[b.value for b in Backend]}; "
+                          "use 'auto' to let cq choose") from None

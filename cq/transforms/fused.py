@@ -11,21 +11,14 @@ from __future__ import annotations
 import attrs
 import torch
 
-from ..errors import ConfigError, CqError
+from .._validators import backend as _backend_converter
+from ..errors import CqError
 from ..kernels import Backend, quantize_rows, row_metrics
 from ..state import LayerState, PerRow, record
 from .checks import check_finite, check_linear
 from .rounding import int8_format
 
 __all__ = ["FusedRTNConfig", "fused_rtn"]
-
-
-def _backend(value) -> Backend:
-    try:
-        return Backend(value)
-    except ValueError:
-        raise ConfigError(f"backend={value!r} must be one of {[b.value for b in Backend]}; "
-                          "use 'auto' to let cq choose") from None
 
 
 @attrs.frozen
@@ -41,7 +34,7 @@ class FusedRTNConfig:
         'auto'
     """
 
-    backend: Backend = attrs.field(default=Backend.AUTO, converter=_backend)
+    backend: Backend = attrs.field(default=Backend.AUTO, converter=_backend_converter)
     metrics: bool = True
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from .._validators import backend as _backend_converter
 from ..errors import ConfigError
 from ..kernels import Backend
 from ..state import LayerState
@@ -29,14 +30,6 @@ def _static(instance, attribute, value):
             "static_groups=False is not supported: cq fixes every scale (tensor, row, group, block) in the "
             "scale stage before the update, so act-order never changes group membership; use static_groups=True"
         )
-
-
-def _backend(value) -> Backend:
-    try:
-        return Backend(value)
-    except ValueError:
-        raise ConfigError(f"backend={value!r} must be one of {[b.value for b in Backend]}; "
-                          "use 'auto' to let cq choose") from None
 
 
 def _precision(instance, attribute, value):
@@ -74,7 +67,7 @@ class GPTQConfig:
     precision: str = attrs.field(default="auto", validator=_precision)
     never_worse_than_rtn: bool = True
     metrics: bool = True
-    backend: Backend = attrs.field(default=Backend.AUTO, converter=_backend)
+    backend: Backend = attrs.field(default=Backend.AUTO, converter=_backend_converter)
 
 
 def gptq_solve(wt: torch.Tensor, s32: torch.Tensor, lower_rev: torch.Tensor, block_size: int,

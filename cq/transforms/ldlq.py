@@ -7,7 +7,8 @@ import torch
 
 from ..kernels import Backend
 from ..state import LayerState
-from .gptq import _backend, _block, _damping, _precision
+from .._validators import backend as _backend_converter
+from .gptq import _block, _damping, _precision
 from .hessian import DampingConfig, feedback_columns, feedback_round, ldl_from_reversed_cholesky
 
 __all__ = ["LDLQConfig", "ldlq", "ldlq_solve"]
@@ -29,7 +30,7 @@ class LDLQConfig:
     precision: str = attrs.field(default="auto", validator=_precision)
     never_worse_than_rtn: bool = True
     metrics: bool = True
-    backend: Backend = attrs.field(default=Backend.AUTO, converter=_backend)
+    backend: Backend = attrs.field(default=Backend.AUTO, converter=_backend_converter)
 
 
 def ldlq_solve(wt: torch.Tensor, s32: torch.Tensor, lower_rev: torch.Tensor, block_size: int,
