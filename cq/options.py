@@ -11,7 +11,6 @@ Each :class:`Option` names its destination explicitly (``target``):
 * ``file.<role>`` — the input and output paths; ``report.<kind>`` — extra reports written after the run;
 * ``cli.<name>`` — options only the command line has (and ``report_quality``, which logs the table);
 * ``noop`` — accepted, with the reason it changes nothing (logged when set);
-* ``later`` — a capability cq does not have yet: a non-default value raises NotImplementedError naming it.
 
 :func:`build_config` turns ``{option name: value}`` into ``(input, output, ConvertConfig)`` and rejects
 combinations that cannot apply; :func:`add_cli_options` builds the argparse flags from the same rows.
@@ -57,7 +56,7 @@ class Option:
     ``None`` (CLI only). ``flags``: CLI spellings (empty: not on the CLI); the dash/underscore twin of
     each long flag is added automatically. ``cli``: extra ``add_argument`` keywords (``action``,
     ``nargs``, ``type``, ``choices``, ``default`` when the CLI's differs). ``why``: for ``noop`` the
-    reason, for ``later`` the capability.
+    reason it has no effect.
     """
 
     name: str
@@ -280,8 +279,6 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
     given: dict[str, dict[str, Any]] = {k: {} for k in groups}
     for name, value in values.items():
         opt = _BY_NAME[name]
-        if opt.kind == "later" and not _is_default(opt, value):
-            raise NotImplementedError(f"{name}: {opt.why} is not implemented in cq yet; leave {name} at its default")
         if opt.kind == "noop" and not _is_default(opt, value):
             log.info("%s=%r has no effect: %s", name, value, opt.why)
         if opt.kind in groups:
@@ -396,8 +393,6 @@ def add_cli_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kw["default"] = o.default
         if o.help is not None:
             kw["help"] = o.help
-        elif o.kind == "later":
-            kw["help"] = f"{o.why}: not implemented yet"
         g.add_argument(*_flags(o.flags), **kw)
     return parser
 

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 import cq
-from cq.api import CONVERTER_KWARGS, FACADE_PARAMETERS, convert_to_int8
-from cq.options import REQUIRED
+from cq.api import FACADE_PARAMETERS, convert_to_int8
+from cq.options import OPTIONS, REQUIRED
 from tests.model_fixture import LINEAR_KEYS, file_digest, make_model_tensors
 
 BASE = dict(comfy_quant=True, filter_flags={}, calib_samples=64, seed=0)
@@ -110,17 +110,10 @@ def test_exclude_and_presets(model_file, tmp_path):
     assert tensors["blocks.0.mlp.fc2.weight"].dtype == torch.float32
 
 
-_LATER = [n for n, p in {**FACADE_PARAMETERS, **CONVERTER_KWARGS}.items() if p.kind == "later"]
-
-
-@pytest.mark.parametrize("name", _LATER or ["(none left)"])
-def test_unfinished_capabilities_raise_not_implemented_naming_them(model_file, tmp_path, name):
-    if not _LATER:
-        pytest.skip("every option of the table is implemented")
-    out = tmp_path / "x.safetensors"
-    with pytest.raises(NotImplementedError, match=name):
-        convert_to_int8(str(model_file), str(out), **BASE, **{name: {"a": 1}})
-    assert not out.exists()
+def test_every_option_row_has_a_known_destination():
+    kinds = {o.kind for o in OPTIONS}
+    assert kinds <= {"file", "config", "selection", "recipe", "gptq", "quip", "lora", "learned", "report", "cli", "noop"}
+    assert all(o.why for o in OPTIONS if o.kind == "noop")  # an accepted no-op always says why
 
 
 @pytest.mark.parametrize("extra, match", [
