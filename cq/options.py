@@ -286,13 +286,13 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
             if not _is_default(opt, value):
                 given[opt.kind][name] = value
 
-    fields = dict(groups["config"])
     from .memory import memory_policy
 
-    mode = fields.pop("streaming_mode", "balanced")
-    fields["memory"] = memory_policy(mode, low_memory=bool(fields.get("low_memory")),
+    fields = dict(groups["config"])
+    streaming = fields.pop("streaming_mode", "balanced")
+    fields["memory"] = memory_policy(streaming, low_memory=bool(fields.get("low_memory")),
                                      streaming_thresholds=fields.pop("streaming_thresholds", None))
-    fields["low_memory"] = bool(fields.get("low_memory")) or mode != "off"
+    fields["low_memory"] = bool(fields.get("low_memory")) or streaming != "off"
 
     r = groups["recipe"]
     optimizer = r.get("optimizer") or "rtn"
