@@ -51,10 +51,13 @@ def quantize_activations_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
-    # A [1, N] transpose has strides (1, 1): torch calls it contiguous, so .contiguous() keeps it, and
-    # CPU torch._int_mm then reads it wrongly (a K = 1 layer got a W8A8 error of 66576.98). A fresh
-    # row-major buffer whenever the strides are not the textbook ones.
-    if t.stride() == (t.shape[1], 1):
+    # torch._int_mm reads row- or column-major operands directly (a column-major [K, N] view of the
+    # codes costs nothing; a transposed copy of a 4096² weight cost 15 ms per call). A dimension of
+    # size 1 makes the strides ambiguous: a [1, N] transpose has strides (1, 1), torch calls it
+    # contiguous, and CPU torch._int_mm then reads it wrongly (a K = 1 layer got a W8A8 error of
+    # 66576.98). Such operands, and any other layout, get a fresh row-major buffer.
+    rows, cols = t.shape
+    if rows > 1 and cols > 1 and (t.stride() == (cols, 1) or t.stride() == (1, rows)):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
