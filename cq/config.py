@@ -149,11 +149,15 @@ class ConvertConfig:
         if self.include_input_scale and self.comfy:
             raise ConfigError("include_input_scale only applies to the legacy non-comfy format; ComfyUI ignores "
                               "input_scale for int8_tensorwise, so cq does not write it (drop the option)")
-        if (self.calibration_path or self.synthetic_calibration) and not info.uses_hessian:
-            what = "calibration data" if self.calibration_path else "synthetic calibration"
-            raise ConfigError(f"{what} is only used by data-aware recipes (GPTQ, QuIP); the recipe is "
-                              f"{type(self.recipe).__name__} ({self.recipe!r}), which would ignore it. Choose "
-                              "optimizer 'gptq' or 'quip', or drop the calibration option")
+        other_use = self.fp8_input_scale or self.smoothquant or self.bias_correction
+        if self.calibration_path and not info.uses_hessian and not other_use:
+            raise ConfigError(f"calibration data is only used by data-aware recipes (GPTQ, QuIP), SmoothQuant, bias "
+                              f"correction and FP8 input scales; the recipe is {type(self.recipe).__name__} "
+                              f"({self.recipe!r}) and none of those is on, so it would be ignored. Choose optimizer "
+                              "'gptq' or 'quip', or drop the calibration option")
+        if self.synthetic_calibration and not info.uses_hessian:
+            raise ConfigError(f"synthetic calibration only shapes the Hessians of GPTQ/QuIP; the recipe is "
+                              f"{type(self.recipe).__name__}, which would ignore it")
         if self.calibration_lora_path and not self.synthetic_calibration and not self.calibration_path:
             raise ConfigError("calibration_lora_path only shapes the synthetic Hessians; set synthetic_calibration "
                               "(the facade does when an optimizer is gptq/quip) or drop it")

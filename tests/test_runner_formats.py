@@ -115,3 +115,23 @@ def test_report_html_path_is_checked_before_converting(model_file, tmp_path, cap
     out = tmp_path / "o.safetensors"
     rc, _, err = _run(capsys, "-i", str(model_file), "-o", str(out), "--report-html", str(model_file))
     assert rc == 2 and "--report-html" in err and not out.exists()
+
+
+def test_fp8_input_scale_comes_from_the_calibration_absmax(model_file, tmp_path, capsys):
+    from cq.calibrate import HessianStats
+    from cq.io.calibration import save_calibration
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 64, generator=g) * 3
+    calib = tmp_path / "c.safetensors"
+    save_calibration(calib, {"blocks.0.attn.proj": HessianStats(2 / 128 * x.T @ x, x.abs().amax(0), x.mean(0), 128)})
+    out = tmp_path / "o.safetensors"
+    rc, _, err = _run(capsys, "-i", str(model_file), "-o", str(out), "--fp8", "--fp8-input-scale",
+                      "--calibration-data", str(calib))
+    assert rc == 0, err
+    t = _load(out)
+    # e4m3's largest finite value is 448: the static scale maps the calibration's largest |x| onto it
+    assert torch.allclose(t["blocks.0.attn.proj.input_scale"], x.abs().max() / 448)
+    assert "blocks.0.mlp.fc1.input_scale" not in t  # no calibration entry for that layer: no static scale
+    rc, _, err = _run(capsys, "-i", str(model_file), "-o", str(tmp_path / "x.safetensors"), "--fp8", "--fp8-input-scale")
+    assert rc != 0 and "needs calibration data" in err

@@ -17,7 +17,6 @@ normal 2⁻⁶, subnormal spacing 2⁻⁹. Between 2^e and 2^(e+1) the spacing i
 from __future__ import annotations
 
 import math
-import warnings
 
 import attrs
 import torch
@@ -29,7 +28,7 @@ from .rounding import working_dequantized
 from .scales import SCALE_FLOOR
 
 __all__ = [
-    "FP8_FORMAT", "FP8_FORMATS", "E4M3_MAX", "Fp8Config", "Fp8InputScaleWarning",
+    "FP8_FORMAT", "FP8_FORMATS", "E4M3_MAX", "Fp8Config",
     "e4m3_spacing", "quantize_e4m3", "fp8_scale", "fp8_input_scale", "fp8_round", "fp8_linear",
     "fp8_output_error", "Fp8MetricsConfig", "measure_fp8", "fp8_pipeline", "fp8_measure_stage", "is_fp8_state",
 ]
@@ -42,10 +41,6 @@ FP8_FORMATS = frozenset({"float8_e4m3fn", "float8_e5m2"})
 E4M3_MAX = 448.0
 _E4M3_MIN_NORMAL_EXP = -6
 _E4M3_MANTISSA_BITS = 3
-
-
-class Fp8InputScaleWarning(UserWarning):
-    """A static ``input_scale`` was requested but the layer has no calibration absmax."""
 
 
 def _fp8_format(instance, attribute, value):
@@ -139,8 +134,8 @@ def fp8_scale(state: LayerState, *, cfg: Fp8Config = Fp8Config()) -> LayerState:
 def fp8_input_scale(state: LayerState, *, cfg: Fp8Config = Fp8Config(input_scale=True)) -> LayerState:
     """Set ``meta["input_scale"]`` = ``max(meta["input_absmax"]) / 448`` (float32 0-dim).
 
-    Without calibration absmax the layer keeps the runtime's dynamic activation scale and a
-    :class:`Fp8InputScaleWarning` says so.
+    Without calibration absmax the layer keeps the runtime's dynamic activation scale, and a note says
+    so (the runner prints every layer note as a ``warning:`` line).
 
     Example:
         >>> s = LayerState.from_weight("fc", torch.ones(2, 2), meta={"input_absmax": torch.tensor([8.96, 1.0])})
@@ -151,10 +146,9 @@ def fp8_input_scale(state: LayerState, *, cfg: Fp8Config = Fp8Config(input_scale
         return state
     absmax = state.meta.get("input_absmax", (state.meta.get("calibration") or {}).get("input_absmax"))
     if absmax is None:
-        msg = (f"{state.name}: no calibration absmax for a static FP8 input_scale; the layer keeps ComfyUI's "
-               "dynamic per-call activation scale (pass calibration data, or drop input_scale)")
-        warnings.warn(msg, Fp8InputScaleWarning, stacklevel=2)
-        return record(state, "fp8_input_scale", cfg, note=msg)
+        return record(state, "fp8_input_scale", cfg,
+                      note="no calibration absmax for a static FP8 input_scale; the layer keeps ComfyUI's dynamic "
+                           "per-call activation scale (pass calibration data, or drop input_scale)")
     amax = torch.as_tensor(absmax).detach().to(torch.float32).abs().max()
     if not bool(torch.isfinite(amax)):
         raise CqError(f"{state.name}: calibration absmax is not finite ({float(amax)}); recompute the calibration")
