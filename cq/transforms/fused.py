@@ -57,6 +57,8 @@ def fused_rtn(state: LayerState, *, cfg: FusedRTNConfig = FusedRTNConfig()) -> L
         raise CqError(f"{state.name}: non-finite scale from a finite weight")  # pragma: no cover
     same_basis = state.original is None or state.original is state.weight
     metrics = row_metrics(r, state.weight.numel()) if cfg.metrics and same_basis else None
+    # The per-row sums let measure() estimate output errors of big layers on importance-sampled rows.
+    meta = {"row_sums": (r.sq_w, r.sq_err)} if cfg.metrics and same_basis else None
     gran = PerRow()
-    return record(state, "fused_rtn", cfg, metrics=metrics, codes=r.codes, scale=r.scale, granularity=gran,
-                  format=int8_format(gran))
+    return record(state, "fused_rtn", cfg, metrics=metrics, meta=meta, codes=r.codes, scale=r.scale,
+                  granularity=gran, format=int8_format(gran))
