@@ -200,6 +200,35 @@ class HessianSource:
 # One layer.
 
 
+def _prepare_stages(plan: LayerPlan, edits: ModelEdits, data: LayerData | None) -> tuple:
+    # The calibration data first: model edits (a smoothing fold) carry the Hessian and the input
+    # statistics into the edited layer's input space.
+    return ((stage(attach_data, data),) if data is not None else ()) + tuple(edits.stages.get(plan.key, ()))
+
+
+def _run_stages(plan: LayerPlan, cfg: ConvertConfig, data: LayerData | None, body: Pipeline,
+                measure_on: LayerState | None) -> tuple:
+    stages = []
+    if data is not None and data.hessian is not None:  # judged before use: non-finite, zero, negative- or indefinite
+        from .transforms.hessian_check import HessianCheckConfig, check_hessian
+
+        stages.append(stage(check_hessian, HessianCheckConfig(strict=cfg.strict_hessian)))
+    stages += body.stages
+    if cfg.bias_correction and not isinstance(plan.recipe, (FP16, FP8)):
+        from .transforms.bias_correction import BiasCorrectionConfig, bias_correction
+
+        stages.append(stage(bias_correction, BiasCorrectionConfig()))
+    if measure_on is not None:
+        info = None if isinstance(plan.recipe, Pipeline) else recipe_info(plan.recipe)
+        tokens = cfg.metrics_tokens if info is None or info.quantized else 0
+        if info is not None and info.measure is not None:
+            stages.append(info.measure(measure_on, tokens, cfg.seed, backend=cfg.backend,
+                                       full_precision_matrix_mult=plan.full_precision_matrix_mult))
+        else:
+            stages.append(measure_stage(measure_on, tokens, cfg.seed, cfg.backend))
+    return tuple(stages)
+
+
 def layer_pipeline(plan: LayerPlan, cfg: ConvertConfig, *, edits: ModelEdits = ModelEdits(),
                    data: LayerData | None = None, measure_on: LayerState | None = None) -> Pipeline:
     """A quantized layer's stages: calibration attach → model edits → Hessian check → recipe → measure.
@@ -207,29 +236,8 @@ def layer_pipeline(plan: LayerPlan, cfg: ConvertConfig, *, edits: ModelEdits = M
     ``measure_on`` is the state the metric inputs are drawn for (they depend on its Hessian); without
     it the pipeline has no measure stage.
     """
-    # The calibration data first: model edits (a smoothing fold) carry the Hessian and the input
-    # statistics into the edited layer's input space.
-    head = [stage(attach_data, data)] if data is not None else []
-    head += list(edits.stages.get(plan.key, ()))
-    if data is not None and data.hessian is not None:  # judged before use: non-finite, zero, negative- or indefinite
-        from .transforms.hessian_check import HessianCheckConfig, check_hessian
-
-        head.append(stage(check_hessian, HessianCheckConfig(strict=cfg.strict_hessian)))
     body = recipe_pipeline(plan.recipe, backend=cfg.backend)
-    pipe = pipeline(*head).then(*body.stages)
-    if cfg.bias_correction and not isinstance(plan.recipe, (FP16, FP8)):
-        from .transforms.bias_correction import BiasCorrectionConfig, bias_correction
-
-        pipe = pipe.then(stage(bias_correction, BiasCorrectionConfig()))
-    if measure_on is not None:
-        info = None if isinstance(plan.recipe, Pipeline) else recipe_info(plan.recipe)
-        tokens = cfg.metrics_tokens if info is None or info.quantized else 0
-        if info is not None and info.measure is not None:
-            pipe = pipe.then(info.measure(measure_on, tokens, cfg.seed, backend=cfg.backend,
-                                          full_precision_matrix_mult=plan.full_precision_matrix_mult))
-        else:
-            pipe = pipe.then(measure_stage(measure_on, tokens, cfg.seed, cfg.backend))
-    return pipe
+    return pipeline(*_prepare_stages(plan, edits, data), *_run_stages(plan, cfg, data, body, measure_on))
 
 
 def convert_layer(plan: LayerPlan, view: ModelView, cfg: ConvertConfig, edits: ModelEdits, hessians: HessianSource,
@@ -255,12 +263,9 @@ def convert_layer(plan: LayerPlan, view: ModelView, cfg: ConvertConfig, edits: M
     # A fused first stage reads the stored dtype itself (one sweep); everything else works in float32.
     direct = body.names[:1] == ("fused_rtn",) and data is None and plan.key not in edits
     state = LayerState.from_weight(stem, w if direct else w.to(torch.float32), bias=bias).to(device)
-    # The metric inputs depend on the Hessian the layer will see; draw them from the attached one.
     # The metric inputs follow the Hessian the recipe will see (after any fold): draw them from there.
-    head = pipeline(*([stage(attach_data, data)] if data is not None else []), *edits.stages.get(plan.key, ()))
-    probe = head(state)
-    pipe = layer_pipeline(plan, cfg, edits=edits, data=data, measure_on=probe)
-    out = pipeline(*pipe.stages[len(head.stages):])(probe).to("cpu")
+    probe = pipeline(*_prepare_stages(plan, edits, data))(state)
+    out = pipeline(*_run_stages(plan, cfg, data, body, measure_on=probe))(probe).to("cpu")
     if out.bias is not None and bias_dtype is not None:
         out = attrs.evolve(out, bias=out.bias.to(bias_dtype))
     tensors = layer_tensors(out, comfy=cfg.comfy, legacy_axiswise=cfg.legacy_axiswise,
@@ -407,35 +412,34 @@ def convert_file(input_file: str, output_file: str, cfg: ConvertConfig = Convert
     device = resolve_device(cfg.device)
     policy = policy_for_config(cfg)
     warn_unused_thresholds(policy, device)
-    with UnifiedSafetensorsLoader(input_file, low_memory=True) as header_only:  # the budget before any weight is read
-        hview, _, _ = open_model(header_only, cfg)
-        policy = plan_budget(plan_model(hview, resolve_selection(hview, cfg)[0], plan=plan), header_only.header,
-                             policy, metrics_tokens=cfg.metrics_tokens).policy
     source = layer_source or convert_layer
     reports: list[LayerReport] = []
     entries: dict[str, dict] = {}
     kept = removed = 0
     notes_log = _NoteLog()
     with contextlib.ExitStack() as stack:
-        loader = stack.enter_context(UnifiedSafetensorsLoader(input_file, low_memory=not policy.preload))
+        loader = stack.enter_context(UnifiedSafetensorsLoader(input_file, low_memory=True))
         view, inputs, input_notes = open_model(loader, cfg)
         cfg, detection, why = resolve_selection(view, cfg)
         log.log(15, "%s; %s", detection.describe().splitlines()[0], why)  # VERBOSE; the CLI prints it after the table
         plans = plan_model(view, cfg, plan=plan)
+        # The memory budget from the plan, before any weight is read (a run that cannot fit stops here).
+        policy = plan_budget(plans, loader.header, policy, metrics_tokens=cfg.metrics_tokens).policy
         edits = run_model_transforms(view, model_transforms_for(cfg) + tuple(model_transforms))
         for w in input_notes + edits.warnings:
             log.warning("warning: %s", w)
         hessians = HessianSource(cfg, view)
         total = sum(loader.header.tensors[p.key].nbytes for p in plans if p.action != "remove")
-        if not policy.preload and policy.read_ahead_bytes > 0:
-            # Read the next tensors while this one is quantized (bounded by the memory tier's read-ahead);
-            # the decoding of stored fp8/int8 layers stays on top of it.
+        # Read the next tensors while this one is quantized, bounded by the memory tier (tier "off" may
+        # hold the whole input: its read-ahead is the file); the decoding of stored layers stays on top.
+        read_ahead = total if policy.preload else policy.read_ahead_bytes
+        if read_ahead > 0:
             from .io.fp8_inputs import DecodedView
             from .io.prefetch import PrefetchView
 
             order = [k for p in plans if p.action in ("quantize", "keep") for k in (p.key, p.bias_key) if k]
             view = DecodedView(stack.enter_context(PrefetchView(view.base, input_file, order, zero_copy=False,
-                                                               max_bytes=policy.read_ahead_bytes)), inputs)
+                                                               max_bytes=read_ahead)), inputs)
         done = 0
         metadata = dict(loader.metadata() or {})
         metadata.pop("_quantization_metadata", None)  # regenerated below from this run's layers

@@ -7,7 +7,7 @@ of a run is a sum of stated terms, computed before anything is converted:
 =============  ===========================  ===============  =========================================
 tier           input tensors held           read-ahead       GPU → CPU thresholds (reference keys)
 =============  ===========================  ===============  =========================================
-``off``        the whole file (preloaded)   —                none (every layer on the run's device)
+``off``        the whole file (read ahead)  —                none (every layer on the run's device)
 ``minimal``    one layer                    ≤ 1 GiB          hadamard 150M, hessian 32768, ldlq 65536
 ``balanced``   one layer                    ≤ 256 MiB        hadamard 100M, hessian 24576, ldlq 49152
 ``aggressive`` one layer                    none             hadamard 25M, hessian 8192, ldlq 16384
