@@ -40,7 +40,7 @@ from .model import LoaderView, ModelEdits, ModelTransform, ModelView, run_model_
 from .pipeline import Pipeline, pipeline, stage
 from .recipes import FP8, FP16, Recipe, measure_stage, recipe_info, recipe_pipeline, with_granularity
 from .report import ConversionReport, LayerReport
-from .state import LayerState
+from .state import LayerState, PerBlock
 from .transforms.attach import LayerData, attach_data
 
 __all__ = ["convert_file", "convert_layer", "LayerPlan", "plan_model", "layer_pipeline", "HessianSource", "ProgressFn",
@@ -103,7 +103,7 @@ def _recipe_for(decision, cfg: ConvertConfig, key: str) -> Recipe:
     if decision.scaling_mode is not None:
         gran = granularity_for(decision.scaling_mode, decision.block_size)
         return with_granularity(recipe, gran, layer=key)
-    if decision.block_size is not None and type(getattr(recipe, "granularity", None)).__name__ == "PerBlock":
+    if decision.block_size is not None and isinstance(getattr(recipe, "granularity", None), PerBlock):
         return with_granularity(recipe, granularity_for("block", decision.block_size), layer=key)
     return recipe
 
