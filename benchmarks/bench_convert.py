@@ -15,7 +15,14 @@ Rows:
   :func:`cq.io.prefetch.prefetch_file` reads ahead, :func:`cq.transforms.fused.fused_rtn` quantizes
   straight from bf16 and forms the report's weight metrics in the same sweep, a
   :class:`cq.io.prefetch.BackgroundWriter` writes behind (sampled read-back check, one fsync);
-* peers (the ``convert_to_quant`` tool) when installed.
+* the peer, ``convert_to_quant`` (PyPI, the tool cq re-implements), run by the interpreter of its own
+  venv (``--peer-python``; it is never installed next to cq) through its CLI entry point, in its
+  fastest mode equivalent to cq's default: ``--comfy_quant --int8 --scaling_mode row --simple``
+  (per-row absmax round-to-nearest, ``int8_tensorwise`` + ``per_row``). It always bias-corrects
+  layers that have a bias, from ``--calib_samples`` (3072) synthetic rows: one 3072×K×N float32
+  matmul per layer that cq's default does not do; ``peer-calib1`` is its fastest setting (one row,
+  so the correction is mostly noise). ``vs peer`` is against the faster of the two. ``peer-learned``
+  (not run by default: minutes per layer on CPU) is its default learned rounding, same scale layout.
 
 Quick mode (``make bench``) converts 8 × 4096² (256 MiB); the issue's target size is
 ``--layers 128`` (2147 M parameters, 4 GiB bf16).
@@ -35,6 +42,7 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+DEFAULT_PEER_PYTHON = "/work/peer-venv/bin/python"  # where the peer's own venv lives on the dev machines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,11 +126,27 @@ def cq_streamed(src: str, dst: str, profile: dict | None = None) -> dict:
     return {"layers": len(sqnr), "min_sqnr_db": min(sqnr) if sqnr else None}
 
 
-def peer(src: str, dst: str) -> dict:
-    from convert_to_quant import convert_to_int8  # noqa: F401  (the peer tool, when installed)
+# The peer's CLI flags per row (after `-i SRC -o DST --comfy_quant --device cpu --manual_seed 0`).
+PEER_FLAGS = {
+    "peer": ["--int8", "--scaling_mode", "row", "--simple"],
+    "peer-calib1": ["--int8", "--scaling_mode", "row", "--simple", "--calib_samples", "1"],
+    "peer-learned": ["--int8", "--scaling_mode", "row"],
+}
 
-    convert_to_int8(src, dst, comfy_quant=True, filter_flags={}, calib_samples=1, seed=0)
-    return {}
+
+def _peer(name: str):
+    def run(src: str, dst: str) -> dict:
+        # Runs inside the peer's own interpreter: only its package is importable, not cq.
+        from convert_to_quant.convert_to_quant import main as peer_main
+
+        sys.argv = ["convert_to_quant", "-i", src, "-o", dst, "--comfy_quant", "--device", "cpu",
+                    "--manual_seed", "0", *PEER_FLAGS[name]]
+        peer_main()
+        if not os.path.exists(dst):  # it logs some failures and returns normally
+            raise RuntimeError(f"convert_to_quant wrote no {dst}")
+        return {}
+
+    return run
 
 
 CONVERTERS = {
@@ -131,7 +155,12 @@ CONVERTERS = {
            cq_convert_file),
     "cq-low-memory": ("cq --low-memory (no read-ahead: the smallest memory tier)", cq_low_memory),
     "cq-streamed": ("cq streamed: prefetch → fused_rtn → background write", cq_streamed),
-    "peer": ("convert_to_quant (peer tool)", peer),
+    "peer": ("peer convert_to_quant --int8 --scaling_mode row --simple (per-row RTN, bias correction)",
+             _peer("peer")),
+    "peer-calib1": ("peer convert_to_quant … --simple --calib_samples 1 (its fastest: 1-row bias correction)",
+                    _peer("peer-calib1")),
+    "peer-learned": ("peer convert_to_quant --int8 --scaling_mode row (its default learned rounding)",
+                     _peer("peer-learned")),
 }
 
 
@@ -154,14 +183,15 @@ def _child(name: str, src: str, dst: str) -> None:
     print(json.dumps({"seconds": seconds, "rss_mib": _peak_rss_mib(), **extra}))
 
 
-def _run(name: str, src: str, dst: str, threads: int | None) -> dict | None:
+def _run(name: str, src: str, dst: str, threads: int | None, python: str | None = None) -> dict | None:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, src, dst],
+    r = subprocess.run([python or sys.executable, os.path.abspath(__file__), "--child", name, src, dst],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
-        if name == "peer":
+        if name in PEER_FLAGS:  # a broken peer install is reported, not fatal
+            print(f"({name} failed with {python}, skipped:\n{r.stderr[-1500:]})")
             return None
         raise RuntimeError(f"{name} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -185,8 +215,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3, help="runs per converter (min and spread are reported)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every converter")
-    ap.add_argument("--only", default="naive,cq,cq-low-memory,cq-streamed,peer", help="comma-separated converters to run")
+    ap.add_argument("--only", default="naive,cq,cq-low-memory,cq-streamed,peer,peer-calib1",
+                    help="comma-separated converters to run (also: peer-learned)")
     ap.add_argument("--profile", action="store_true", help="also print the streamed path's time split")
+    ap.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON if os.path.exists(DEFAULT_PEER_PYTHON) else None,
+                    help="interpreter of a venv with convert_to_quant installed (default: %(default)s); "
+                         "without one the peer rows are skipped")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -208,15 +242,18 @@ def main(argv=None) -> int:
         rows = []
         for name in args.only.split(","):
             label = CONVERTERS[name][0]
+            if name in PEER_FLAGS and not args.peer_python:
+                print(f"({name}: no --peer-python and no {DEFAULT_PEER_PYTHON}, skipped)")
+                continue
             runs = []
             for _ in range(args.repeat):
-                r = _run(name, src, os.path.join(tmp, f"{name}.safetensors"), args.threads)
+                r = _run(name, src, os.path.join(tmp, f"{name}.safetensors"), args.threads,
+                         args.peer_python if name in PEER_FLAGS else None)
                 if r is None:
                     break
                 runs.append(r)
                 os.unlink(os.path.join(tmp, f"{name}.safetensors"))
             if not runs:
-                print(f"({name}: not installed, skipped)")
                 continue
             rows.append((name, label, runs))
         if args.profile:
@@ -227,7 +264,7 @@ def main(argv=None) -> int:
           f"spread (max − min); the machine is shared, so spreads are wide\n")
     best = {n: min(r["seconds"] for r in runs) for n, _, runs in rows}
     base = best.get("naive")
-    peer_best = best.get("peer")
+    peer_best = min((best[n] for n in ("peer", "peer-calib1") if n in best), default=None)  # the fastest RTN peer
     print("| converter | time (min) | spread | Mparam/s | peak RSS | vs naive | vs peer | quality |")
     print("|---|---|---|---|---|---|---|---|")
     for name, label, runs in rows:
