@@ -9,7 +9,7 @@ from ..kernels import Backend
 from ..state import LayerState
 from .._validators import backend as _backend_converter
 from .gptq import _block, _damping, _precision
-from .hessian import DampingConfig, feedback_columns, feedback_round, ldl_from_reversed_cholesky
+from .hessian import DampingConfig, feedback_columns, feedback_round
 
 __all__ = ["LDLQConfig", "ldlq", "ldlq_solve"]
 
@@ -41,9 +41,14 @@ def ldlq_solve(wt: torch.Tensor, s32: torch.Tensor, lower_rev: torch.Tensor, blo
     ``ŵ_k = Q(w_k + Σ_{j<k} M_kj (w_j − ŵ_j))``: the feedback uses the *true* errors of the
     earlier columns, and needs only the Cholesky factor (no triangular inverse).
     """
-    m, _ = ldl_from_reversed_cholesky(lower_rev)
+    # coef = −Mᵀ with M = J (C·diag(1/C_jj))ᵀ J (see ldl_from_reversed_cholesky), stored as M is
+    # (row-major M, so coef is a column-major view): two K² passes (divide, one flipping copy)
+    # instead of four, and the same bits and layout (the GEMMs see the same operands).
+    neg_unit = lower_rev.div(lower_rev.diagonal().unsqueeze(0)).neg_()
+    coef = neg_unit.t().flip(0, 1).t()
+    del neg_unit
     targets = wt.clone()
-    return feedback_columns(wt, s32, m.t().neg(), block_size=block_size, inner=inner, targets=targets,
+    return feedback_columns(wt, s32, coef, block_size=block_size, inner=inner, targets=targets,
                             backend=backend)
 
 
