@@ -131,11 +131,31 @@ for _d in (0.03, 0.1, 0.3, 1.0):
         LDLQ_ACT, damping=DampingConfig(percdamp=d))))(_d)
 
 
+def _sequential_recipes():
+    """Recipes that need their own calibration pass: ``capture_sequential`` with the recipe itself."""
+    from cq.recipes import GPTQ, QuIP
+    from cq.transforms.quip import QuIPConfig
+
+    return {
+        # the defaults as shipped (Hessian shrink 0.3, upstream correction 0.5) on a sequential file
+        "quip+seq": QuIP(),
+        "gptq+seq": GPTQ(),
+        # the same file without the correction: only the Hessian of the partly quantized model
+        "quip+seq(no upstream)": QuIP(QuIPConfig(upstream_strength=0.0)),
+        "quip+seq(upstream 1.0)": QuIP(QuIPConfig(upstream_strength=1.0)),
+    }
+
+
+SEQUENTIAL = _sequential_recipes()
+for _name in SEQUENTIAL:
+    RECIPES[_name] = None  # run by run_minilm with its own sequential capture
+
+
 #: The rows of the published table: today's recipes, each new piece alone on top of ConvRot + LDLQ
 #: (``quip``), and the recommended defaults (``quip@s0.3`` with data, ``convrot_rtn+search`` without).
 DEFAULT_RECIPES = ("rtn", "rtn+search", "gptq", "gptq@s0.3", "convrot_rtn", "convrot_rtn+search", "convrot_rtn+search20", "quip",
                    "quip+w8a8", "quip+search", "quip+bias", "quip@d0.1", "quip@s0.2", "quip@s0.3",
-                   "quip@s0.3+bias", "quip@s0.3+w8a8")
+                   "quip@s0.3+bias", "quip@s0.3+w8a8", "quip+seq(no upstream)", "quip+seq", "gptq+seq")
 
 
 class FloorLinear(torch.nn.Module):
@@ -197,35 +217,62 @@ def run_minilm(recipes, *, calib_n=None, swap=False):
         qm = swap(lambda name, mod: FloorLinear(mod.weight, mod.bias, _groupsize_rot(mod.in_features) if rot else None))
         rows.append({"recipe": label, "w8": float("nan"), "w8a8": one_minus_cos(qm), "s_layer": 0.0})
     for name in recipes:
-        fn = RECIPES[name]
-        states = {}
-        t1 = time.perf_counter()
-        for lname, mod in linears:
-            st = stats[lname]
-            s = LayerState.from_weight(lname, mod.weight.detach(), bias=None if mod.bias is None else mod.bias.detach(),
-                                       hessian=st.hessian,
-                                       meta={"calibration": {"input_mean": st.input_mean, "samples": st.samples},
-                                             "w8a8_stats": st.w8a8})
-            states[lname] = fn(s)
-        secs = (time.perf_counter() - t1) / len(linears)
+        if name in SEQUENTIAL:
+            from cq.recipes import recipe_pipeline
+            from cq.sequential import capture_sequential
+            from cq.transforms.attach import LayerData, attach_data
 
-        def w8(lname, mod):
-            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            with torch.no_grad():
-                lin.weight.copy_(reconstruct(states[lname]))
-                if mod.bias is not None:
-                    lin.bias.copy_(states[lname].bias)
-            return lin
-
-        def w8a8(lname, mod):
-            s = states[lname]
-            return M.W8A8Linear(s.codes, s.scale, s.bias, s.basis)
-
-        rows.append({"recipe": name, "w8": one_minus_cos(swap(w8)), "w8a8": one_minus_cos(swap(w8a8)),
-                     "s_layer": secs})
-        print(f"  minilm {name}: W8 {rows[-1]['w8']:.3e}  W8A8 {rows[-1]['w8a8']:.3e}  {secs:.3f} s/layer",
-              file=sys.stderr)
+            t1 = time.perf_counter()
+            seq = capture_sequential(model, batches, quantize=SEQUENTIAL[name], token_mask="attention_mask")
+            cap = time.perf_counter() - t1
+            body = recipe_pipeline(SEQUENTIAL[name])
+            states = {}
+            t1 = time.perf_counter()
+            for lname, mod in linears:
+                st = seq[lname]
+                data = LayerData(hessian=st.hessian, upstream=st.upstream,
+                                 stats={"input_mean": st.input_mean, "samples": st.samples})
+                states[lname] = body(attach_data(LayerState.from_weight(
+                    lname, mod.weight.detach(), bias=None if mod.bias is None else mod.bias.detach()), cfg=data))
+            secs = (time.perf_counter() - t1) / len(linears)
+            print(f"  minilm {name}: sequential capture {cap:.1f} s", file=sys.stderr)
+        else:
+            states = _states(RECIPES[name], linears, stats)
+            secs = states.pop("_secs")
+        rows.append(_minilm_row(name, states, secs, model, swap, one_minus_cos, M, linears))
     return {"rows": rows, "capture_s": cap_s, "layers": len(linears), "calib": len(calib)}
+
+
+def _states(fn, linears, stats):
+    states = {}
+    t1 = time.perf_counter()
+    for lname, mod in linears:
+        st = stats[lname]
+        s = LayerState.from_weight(lname, mod.weight.detach(), bias=None if mod.bias is None else mod.bias.detach(),
+                                   hessian=st.hessian,
+                                   meta={"calibration": {"input_mean": st.input_mean, "samples": st.samples},
+                                         "w8a8_stats": st.w8a8})
+        states[lname] = fn(s)
+    states["_secs"] = (time.perf_counter() - t1) / len(linears)
+    return states
+
+
+def _minilm_row(name, states, secs, model, swap, one_minus_cos, M, linears):
+    def w8(lname, mod):
+        lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(reconstruct(states[lname]))
+            if mod.bias is not None:
+                lin.bias.copy_(states[lname].bias)
+        return lin
+
+    def w8a8(lname, mod):
+        s = states[lname]
+        return M.W8A8Linear(s.codes, s.scale, s.bias, s.basis)
+
+    row = {"recipe": name, "w8": one_minus_cos(swap(w8)), "w8a8": one_minus_cos(swap(w8a8)), "s_layer": secs}
+    print(f"  minilm {name}: W8 {row['w8']:.3e}  W8A8 {row['w8a8']:.3e}  {secs:.3f} s/layer", file=sys.stderr)
+    return row
 
 
 # ---------------------------------------------------------------------------------------------- DiT-like
@@ -257,6 +304,8 @@ def run_dit(recipes, *, tokens=2048, shapes=DIT_SHAPES):
             floors[label].append(err((q.float() * s) @ ww.t(), ref))
     per = {}
     for name in recipes:
+        if name in SEQUENTIAL:  # independent synthetic layers: there is no earlier layer to compensate
+            continue
         e8, e88 = [], []
         t1 = time.perf_counter()
         for lname, w, h, mu, w8, xh in layers:

@@ -59,6 +59,9 @@ class HessianStats:
     #: ConvRot group size (0: unrotated) -> statistics of ComfyUI's activation path in that basis
     #: (W8A8-aware rounding); empty unless ``capture(..., w8a8=...)`` asked for them.
     w8a8: Mapping[int, "ActivationStats"] = attrs.field(factory=dict)
+    #: float32 [K, K] ``2/T · (X − X̃)ᵀX̃``: float-model inputs against the inputs of the model with its
+    #: earlier layers quantized (``H`` then comes from ``X̃``); only from :func:`cq.sequential.capture_sequential`.
+    upstream: torch.Tensor | None = None
 
 
 def hessian_init(k: int, *, device: torch.device | str = "cpu") -> HessianAcc:

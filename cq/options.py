@@ -196,6 +196,11 @@ OPTIONS: tuple[Option, ...] = (
     _opt("hessian_shrink", "recipe.hessian_shrink", None, "--hessian-shrink", facade="kwarg", group="rounding",
          type=float, help="GPTQ/QuIP: shrink the calibration Hessian toward its diagonal by this weight (default "
                           "0.3, measured better on held-out data; 0: the published algorithms)"),
+    _opt("upstream_strength", "recipe.upstream_strength", None, "--upstream-strength", facade="kwarg",
+         group="rounding", type=float,
+         help="GPTQ/QuIP with a sequential calibration file (cq.sequential.capture_sequential): fraction of the "
+              "step toward the float model's output, compensating the earlier layers' rounding (default 0.5, "
+              "measured on held-out data; 0: off). Files without upstream statistics run the published algorithms"),
     _opt("strict_hessian", "config.strict_hessian", False, "--strict-hessian", facade="kwarg", group="rounding",
          action="store_true", help="a calibration Hessian that is non-finite, zero or not positive-definite stops the "
                                    "run (default: that layer is rounded to nearest, with a warning)"),
@@ -306,6 +311,10 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
     if shrink is not None and optimizer not in ("gptq", "quip"):
         raise ConfigError(f"hessian_shrink={shrink} shapes the calibration Hessian of GPTQ/QuIP; optimizer={optimizer!r} "
                           "uses none. Drop it or choose optimizer 'gptq'/'quip'")
+    upstream = r.get("upstream_strength")
+    if upstream is not None and optimizer not in ("gptq", "quip"):
+        raise ConfigError(f"upstream_strength={upstream} tunes GPTQ/QuIP with a sequential calibration file; "
+                          f"optimizer={optimizer!r} uses none. Drop it or choose optimizer 'gptq'/'quip'")
     requant_block = optimizer == "quip" and groups["quip"].get("requant_scheme") == "block"
     if block_size is not None and mode != "block" and not requant_block:
         raise ConfigError(f"block_size={block_size} only applies to scaling_mode='block' (or QuIP's "
@@ -323,6 +332,8 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
         recipe = QuIP(quip_config_from_legacy(block_size=int(block_size or 128), **q))
         if shrink is not None:
             recipe = QuIP(attrs.evolve(recipe.quip, hessian_shrink=float(shrink)))
+        if upstream is not None:
+            recipe = QuIP(attrs.evolve(recipe.quip, upstream_strength=float(upstream)))
         if q.get("seed") is not None and recipe.quip.resolved_output == "convrot":
             raise ConfigError(f"quip_seed={q['seed']} seeds QuIP's two-sided transform, which the ComfyUI-native "
                               "ConvRot output does not use (its rotation is fixed); drop quip_seed, or pick the "
@@ -342,7 +353,8 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
                           UserWarning, stacklevel=3)
         recipe = GPTQ(granularity_for(mode, block_size),
                       GPTQConfig(**{k: bool(v) for k, v in g.items() if v is not None}),
-                      **({} if shrink is None else {"hessian_shrink": float(shrink)}))
+                      **({} if shrink is None else {"hessian_shrink": float(shrink)}),
+                      **({} if upstream is None else {"upstream_strength": float(upstream)}))
     else:
         recipe = RTN(granularity_for(mode, block_size))
     fields["recipe"] = recipe

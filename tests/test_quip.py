@@ -141,8 +141,9 @@ def test_transformed_output_keeps_the_gain_and_reconstructs(outlier_layer, resul
 
 def test_pipelines_are_named_and_extensible():
     p = quip_pipeline()
-    assert p.names == ("check_finite", "shrink_hessian", "convrot", "scale", "scale_search", "ldlq")
-    assert quip_pipeline(QuIPConfig(hessian_shrink=0, data_free_scale_search=False)).names == (
+    assert p.names == ("check_finite", "shrink_hessian", "upstream_correct", "convrot", "scale", "scale_search", "ldlq")
+    assert p["upstream_correct"].cfg.strength == 0.5
+    assert quip_pipeline(QuIPConfig(hessian_shrink=0, upstream_strength=0, data_free_scale_search=False)).names == (
         "check_finite", "convrot", "scale", "ldlq")  # the textbook ConvRot + LDLQ
     assert p["shrink_hessian"].cfg.beta == 0.3 and p["scale_search"].cfg.only_without_hessian
     assert p["ldlq"].cfg.ldlq.actorder is True and p["ldlq"].cfg.ldlq.damping.percdamp == 0.01

@@ -123,8 +123,8 @@ def test_recipe_pipelines_are_the_same_stages_the_facade_runs():
     fused, plain = recipe_pipeline(RTN())(LayerState.from_weight("fc", w)), cq.rtn_pipeline()(LayerState.from_weight("fc", w.float()))
     assert torch.equal(fused.codes, plain.codes) and torch.equal(fused.scale, plain.scale)
     assert recipe_pipeline(GPTQ(PerBlock(64))).names == ("check_linear", "check_finite", "shrink_hessian",
-                                                         "absmax_scale", "gptq_update")
-    assert recipe_pipeline(GPTQ(hessian_shrink=0)).names == ("check_linear", "check_finite", "absmax_scale", "gptq_update")
+                                                         "upstream_correct", "absmax_scale", "gptq_update")
+    assert recipe_pipeline(GPTQ(hessian_shrink=0, upstream_strength=0)).names == ("check_linear", "check_finite", "absmax_scale", "gptq_update")
     assert recipe_pipeline(FP16()).names == ("check_finite", "fp16_cast")
 
 

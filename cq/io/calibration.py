@@ -10,7 +10,13 @@ tensor                    dtype, shape       meaning
 ``<L>.input_absmax``      float32 [K]        ``max_t |X[t, k]|`` (SmoothQuant)
 ``<L>.input_mean``        float32 [K]        ``mean_t X[t, k]`` (bias correction)
 ``<L>.samples``           int64 ``()``       ``T`` for this layer (only when layers differ)
+``<L>.upstream``          float32 [K, K]     ``D = 2/T · (X − X̃)ᵀX̃`` (optional; sequential capture)
 ========================  =================  ==============================================
+
+With ``<L>.upstream`` (written from :func:`cq.sequential.capture_sequential`), ``X̃`` are the layer's
+inputs in the model whose earlier layers are quantized, ``H`` comes from them, and GPTQ/QuIP fit the
+float model's output (:func:`cq.transforms.upstream.upstream_correct`). Files without it give the
+published algorithms.
 
 Header metadata: ``format = "cq-calibration-1"``, ``samples = T`` (decimal string). Layers absent
 from the file fall back to ``H = I`` (GPTQ/LDLQ then equal round-to-nearest) with a note.
@@ -59,7 +65,7 @@ __all__ = [
 
 FORMAT = "cq-calibration-1"
 
-_CQ_SUFFIXES = ("hessian", "input_absmax", "input_mean", "samples")
+_CQ_SUFFIXES = ("hessian", "input_absmax", "input_mean", "samples", "upstream")
 _REF_SUFFIXES = ("channel_max", "channel_mean", "input_scale")
 #: Optional per-basis statistics of ComfyUI's W8A8 activation path (cq.calibrate.ActivationStats):
 #: ``<L>.w8a8_{err_sq,err_x,err_mean}_g<G>`` float32 [K], G = ConvRot group size (0: unrotated).
@@ -87,6 +93,10 @@ def _check_stats(layer: str, st: HessianStats) -> int:
                              f"got {tuple(t.shape)}")
     if isinstance(st.samples, bool) or not isinstance(st.samples, int) or st.samples <= 0:
         raise InputError(f"save_calibration: {layer}.samples must be a positive int, got {st.samples!r}")
+    up = getattr(st, "upstream", None)
+    if up is not None and tuple(up.shape) != (k, k):
+        raise InputError(f"save_calibration: {layer}.upstream must be [{k}, {k}] to match the Hessian, "
+                         f"got {tuple(up.shape)}")
     return st.samples
 
 
@@ -110,6 +120,8 @@ def save_calibration(path: str | os.PathLike, stats: Mapping[str, HessianStats],
         tensors[f"{layer}.input_mean"] = st.input_mean.detach().to(torch.float32).cpu().contiguous()
         if not uniform:
             tensors[f"{layer}.samples"] = torch.tensor(st.samples, dtype=torch.int64)
+        if getattr(st, "upstream", None) is not None:
+            tensors[f"{layer}.upstream"] = st.upstream.detach().to(torch.float32).cpu().contiguous()
         for g, act in (getattr(st, "w8a8", None) or {}).items():
             for field in _W8A8_FIELDS:
                 tensors[f"{layer}.w8a8_{field}_g{int(g)}"] = getattr(act, field).detach().to(torch.float32).cpu().contiguous()
@@ -253,6 +265,18 @@ class Calibration:
                              f"max |H| = {scale:.3g}); a Hessian 2/T·XᵀX is symmetric: recapture this layer")
         return h
 
+    def upstream(self, layer: str, *, k: int | None = None) -> torch.Tensor | None:
+        """The sequential calibration's cross term ``2/T·(X − X̃)ᵀX̃`` of ``layer`` (float32 ``[K, K]``), or ``None``."""
+        d = self._read(layer, "upstream")
+        if d is None:
+            return None
+        if k is not None and tuple(d.shape) != (k, k):
+            raise InputError(f"{self.path}: {layer}.upstream is {list(d.shape)} but the layer has in_features={k}; "
+                             "the calibration file belongs to another model (recapture it)")
+        if not d.is_floating_point() or not bool(torch.isfinite(d).all()):
+            raise InputError(f"{self.path}: {layer}.upstream must hold finite floats; recapture this layer")
+        return d.to(torch.float32)
+
     def hessian_kind(self, layer: str) -> str | None:
         """What :meth:`hessian` returns for ``layer``: ``"captured"`` (a cq file), ``"diagonal"`` (the
         reference's channel statistics), or ``None`` (no usable entry).
@@ -395,6 +419,9 @@ def _load_safetensors(path: Path) -> Calibration:
             shape = shapes[entry["hessian"]]
             if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
                 raise InputError(f"{path}: {layer}.hessian must be square [K, K], got {list(shape)}")
+            if "upstream" in entry and shapes[entry["upstream"]] != shape:
+                raise InputError(f"{path}: {layer}.upstream must be {list(shape)} like the Hessian, "
+                                 f"got {list(shapes[entry['upstream']])}")
             for suffix in ("input_absmax", "input_mean"):
                 if suffix in entry and shapes[entry[suffix]] != (shape[0],):
                     raise InputError(f"{path}: {layer}.{suffix} must be [{shape[0]}] to match the Hessian, "
@@ -446,13 +473,14 @@ def layer_data(calibration: Calibration, layer: str, k: int, *, hessian: bool = 
              "samples": calibration.layer_samples(layer)}
     stats = {key: v for key, v in stats.items() if v is not None}
     w8a8 = calibration.w8a8_stats(layer) if calibration.kind == "cq" else {}
+    upstream = calibration.upstream(layer, k=k) if hessian and h is not None and calibration.kind == "cq" else None
     note = None
     if hessian and h is None:
         note = f"calibration: no Hessian for {layer} in {calibration.path.name}; H = I (round-to-nearest quality)"
     elif hessian and calibration.hessian_kind(layer) == "diagonal":  # say what the reference's file gives
         note = (f"calibration: diagonal Hessian from the channel statistics in {calibration.path.name} "
                 "(no cross-channel terms)")
-    return LayerData(hessian=h, stats=stats, w8a8=w8a8, note=note)
+    return LayerData(hessian=h, stats=stats, w8a8=w8a8, note=note, upstream=upstream)
 
 
 def attach_calibration(state: LayerState, calibration: Calibration, *, layer: str | None = None) -> LayerState:

@@ -32,6 +32,7 @@ from .learned_round import LearnedRoundConfig, learned_round
 from .quip_refine import QuIPRefineConfig, with_refinements
 from .scale_search import ScaleSearchConfig, scale_search
 from .smoothquant import SmoothQuantConfig, smoothquant
+from .upstream import UpstreamConfig, upstream_correct
 from .w8a8_round import W8A8RoundConfig, w8a8_round
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
     "QuIPConfig", "quip_pipeline", "quip_config_from_legacy", "quip_extra_tensors", "quip_ldlq",
     "LoraFactors", "MergeLoraConfig", "merge_lora",
     "LayerData", "attach_data", "HessianCheckConfig", "check_hessian", "HessianShrinkConfig", "shrink_hessian",
-    "ScaleSearchConfig", "scale_search", "W8A8RoundConfig", "w8a8_round", "BiasCorrectionConfig", "bias_correction",
+    "ScaleSearchConfig", "scale_search", "W8A8RoundConfig", "w8a8_round", "UpstreamConfig", "upstream_correct", "BiasCorrectionConfig", "bias_correction",
     "LearnedRoundConfig", "learned_round", "QuIPRefineConfig", "with_refinements", "Fp8Config", "fp8_pipeline",
     "fp8_scale", "fp8_round", "measure_fp8", "FusedRTNConfig", "fused_rtn", "SmoothQuantConfig", "smoothquant",
 ]

@@ -24,13 +24,16 @@ class LayerData:
     ``hessian`` ``[K, K]`` in the original basis (``None``: GPTQ/LDLQ use ``H = I``; ``note`` says
     why); ``stats`` (``input_absmax``, ``input_mean``, ``samples``) go to ``meta["calibration"]``
     (SmoothQuant, bias correction, FP8 input scales); ``w8a8`` (ConvRot group → activation-path
-    statistics) to ``meta["w8a8_stats"]``. ``source`` says where the Hessian came from.
+    statistics) to ``meta["w8a8_stats"]``; ``upstream`` (the sequential calibration's cross term
+    ``2/T·(X − X̃)ᵀX̃``, see :mod:`cq.sequential`) to ``meta["upstream"]``. ``source`` says where the
+    Hessian came from.
     """
 
     hessian: torch.Tensor | None = attrs.field(default=None, repr=_t)
     stats: Mapping[str, Any] = attrs.field(factory=dict)
     w8a8: Mapping[int, Any] = attrs.field(factory=dict)
     note: str | None = None
+    upstream: torch.Tensor | None = attrs.field(default=None, repr=_t)
     source: str = "calibration"
 
 
@@ -47,6 +50,8 @@ def attach_data(state: LayerState, *, cfg: LayerData) -> LayerState:
         meta["calibration"] = dict(cfg.stats)
     if cfg.w8a8:
         meta["w8a8_stats"] = dict(cfg.w8a8)
+    if cfg.upstream is not None:
+        meta["upstream"] = cfg.upstream
     h = cfg.hessian
     if h is None:
         return record(state, "attach_data", cfg, note=cfg.note, meta=meta or None)

@@ -44,6 +44,7 @@ from .incoherence import Incoherence, IncoherenceConfig, incoherence, undo_incoh
 from .ldlq import LDLQConfig, ldlq, ldlq_solve
 from .rounding import RoundConfig, round_to_nearest, working_dequantized
 from .hessian_shrink import HessianShrinkConfig, shrink_hessian
+from .upstream import UpstreamConfig, upstream_correct
 from .scale_search import ScaleSearchConfig, scale_search
 from .scales import ScaleConfig, absmax_scale
 
@@ -119,7 +120,10 @@ class QuIPConfig:
     LDLQ's lazy block updates (``False``: the textbook loop; same codes, slower).
     ``hessian_shrink`` (ConvRot output): ``β`` of ``(1 − β)·H + β·diag(H)`` before LDLQ (0.3; 0: the raw
     Hessian). ``data_free_scale_search`` (ConvRot output): without a Hessian, per-row clipping by weight
-    MSE instead of absmax scales. Both measured on held-out data (README, "Quality and speed").
+    MSE instead of absmax scales. ``upstream_strength``: with a sequential calibration file (its
+    ``upstream`` cross terms), the fraction of the GPTAQ-style step toward the float model's output taken
+    before rounding (:func:`~cq.transforms.upstream.upstream_correct`; 0.5; 0: off); files without it
+    are unaffected. All measured on held-out data (README, "Quality and speed").
 
     Example:
         >>> QuIPConfig().resolved_output, QuIPConfig(store_transformed=True).resolved_output
@@ -143,6 +147,7 @@ class QuIPConfig:
     permute: bool = attrs.field(default=True, validator=_bool)
     lazy_batch: bool = attrs.field(default=True, validator=_bool)
     hessian_shrink: float = attrs.field(default=0.3, validator=_shrink)
+    upstream_strength: float = attrs.field(default=0.5, validator=_shrink)
     data_free_scale_search: bool = attrs.field(default=True, validator=_bool)
 
     def __attrs_post_init__(self):
@@ -301,17 +306,20 @@ def quip_pipeline(cfg: QuIPConfig = QuIPConfig(), *, backend: Backend | str = Ba
 
     Example:
         >>> quip_pipeline().names
-        ('check_finite', 'shrink_hessian', 'convrot', 'scale', 'scale_search', 'ldlq')
+        ('check_finite', 'shrink_hessian', 'upstream_correct', 'convrot', 'scale', 'scale_search', 'ldlq')
         >>> quip_pipeline(QuIPConfig(output="requant")).names
-        ('check_finite', 'incoherence', 'scale', 'ldlq', 'undo_incoherence', 'requant_scale', 'requant_round', 'requant_metrics')
+        ('check_finite', 'upstream_correct', 'incoherence', 'scale', 'ldlq', 'undo_incoherence', 'requant_scale', 'requant_round', 'requant_metrics')
         >>> quip_pipeline(QuIPConfig(store_transformed=True)).names
-        ('check_finite', 'incoherence', 'scale', 'ldlq', 'store_transformed')
+        ('check_finite', 'upstream_correct', 'incoherence', 'scale', 'ldlq', 'store_transformed')
     """
     out = cfg.resolved_output
     segments = cfg.checkpoint_segments if cfg.checkpointed else 1
     ldlq_stage = stage(quip_ldlq, QuIPLDLQConfig(ldlq=cfg.ldlq_config(backend), segments=segments,
                                                  threshold=cfg.checkpoint_threshold), name="ldlq")
     scale_stage = stage(absmax_scale, ScaleConfig(PerRow()), name="scale")
+    # A sequential calibration file's cross terms (no-op without them): fit the float model's output.
+    upstream = ([stage(upstream_correct, UpstreamConfig(strength=cfg.upstream_strength), name="upstream_correct")]
+                if cfg.upstream_strength > 0 else [])
     if out == "convrot":
         # With data: the Hessian shrunk toward its diagonal (it generalises better to unseen inputs: on
         # held-out MiniLM sentences weight-only 1−cos 6.9e-5 → 5.5e-5). Without data: per-row clipping
@@ -319,11 +327,12 @@ def quip_pipeline(cfg: QuIPConfig = QuIPConfig(), *, backend: Backend | str = Ba
         stages = [check_finite]
         if cfg.hessian_shrink > 0:
             stages.append(stage(shrink_hessian, HessianShrinkConfig(cfg.hessian_shrink), name="shrink_hessian"))
+        stages += upstream
         stages += [stage(convrot, ConvRotConfig(cfg.convrot_groupsize), name="convrot"), scale_stage]
         if cfg.data_free_scale_search:
             stages.append(stage(scale_search, ScaleSearchConfig(only_without_hessian=True), name="scale_search"))
         return pipeline(*stages, ldlq_stage)
-    head = [check_finite, stage(incoherence, cfg.incoherence_config(), name="incoherence"), scale_stage, ldlq_stage]
+    head = [check_finite, *upstream, stage(incoherence, cfg.incoherence_config(), name="incoherence"), scale_stage, ldlq_stage]
     if out == "transformed":
         return pipeline(*head, stage(store_transformed, name="store_transformed"))
     return pipeline(*head, stage(undo_incoherence, name="undo_incoherence"),

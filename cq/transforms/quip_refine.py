@@ -349,7 +349,7 @@ def with_refinements(pipe: Pipeline, cfg: QuIPRefineConfig, *, after: str = "ldl
     Example:
         >>> from cq.transforms.quip import quip_pipeline
         >>> with_refinements(quip_pipeline(), QuIPRefineConfig(ldlq_iterations=2, greedy_cd=True)).names
-        ('check_finite', 'shrink_hessian', 'convrot', 'scale', 'scale_search', 'ldlq', 'ldlq_repass', 'greedy_cd')
+        ('check_finite', 'shrink_hessian', 'upstream_correct', 'convrot', 'scale', 'scale_search', 'ldlq', 'ldlq_repass', 'greedy_cd')
     """
     names = pipe.names
     if after not in names:

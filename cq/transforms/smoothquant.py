@@ -484,6 +484,12 @@ def _scale_columns(state: LayerState, *, cfg) -> LayerState:
                 t[start:stop] = t[start:stop] / s
                 cal[name] = t.to(torch.float32)
         changes["meta"] = {"calibration": cal}
+    if state.meta.get("upstream") is not None:
+        # The cross term describes the unsmoothed model's quantized prefix; after the fold the earlier
+        # layers round differently, so it says nothing exact any more.
+        state = record(state, "drop_upstream", None, meta={"upstream": None},
+                       note="smoothquant: dropped the sequential calibration's upstream cross term of this layer "
+                            "(it describes the unsmoothed model)")
     if not state.meta.get("w8a8_stats"):
         return record(state, "smooth_scale_columns", None, weight=w, original=w, **changes)
     # Per-token int8 rounding is not linear: statistics of the old inputs' round trip say nothing
