@@ -22,6 +22,7 @@ Register a recipe of your own without editing cq:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import attrs
@@ -320,20 +321,36 @@ def _fp8(recipe: FP8, *, backend: Backend) -> Pipeline:
 # Measurement, a stage like any other.
 
 
+@functools.lru_cache(maxsize=8)
+def _gaussian_inputs(tokens: int, k: int, seed: int) -> torch.Tensor:
+    # Standard Gaussian rows in float32 (half the cost of float64). Seeded by (seed, K): drawing
+    # them per layer cost ~2-7 ms a layer here (mostly first-touch page faults of a fresh buffer).
+    g = torch.Generator().manual_seed((seed * 1_000_003 + 7_919 * k) % 2**63)
+    return torch.randn(tokens, k, generator=g, dtype=torch.float32)
+
+
 def metrics_inputs(state: LayerState, tokens: int, seed: int) -> torch.Tensor | None:
     """Input rows for a layer's output and W8A8 metrics.
 
     With a Hessian ``H = 2/T·XᵀX`` the rows are Gaussian with the calibration's second moments
     (``x = z·Lᵀ``, ``L Lᵀ = H/2``), so the W8A8 error reflects the layer's real input scales and
-    outlier channels; without one they are standard Gaussian. Seeded per layer name: reproducible.
+    outlier channels; seeded per layer name. Without one they are standard Gaussian, a function of
+    ``(tokens, K, seed)`` only: drawn once and shared by every layer of that width (the tensor is
+    cached: do not modify it), so the report's inputs, and their int8 codes, are formed once per width.
+
+    Example:
+        >>> s = LayerState.from_weight("a", torch.randn(4, 8))
+        >>> x = metrics_inputs(s, 16, 0)
+        >>> x.shape, x is metrics_inputs(LayerState.from_weight("b", torch.randn(2, 8)), 16, 0)
+        (torch.Size([16, 8]), True)
     """
     if tokens <= 0:
         return None
     k = state.shape[1]
-    g = torch.Generator().manual_seed((seed * 1_000_003 + sum(map(ord, state.name))) % 2**63)
     h = state.hessian
-    if h is None:  # standard Gaussian rows, drawn in float32 (half the cost of float64 on every layer)
-        return torch.randn(tokens, k, generator=g, dtype=torch.float32)
+    if h is None:
+        return _gaussian_inputs(tokens, k, seed)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + sum(map(ord, state.name))) % 2**63)
     z = torch.randn(tokens, k, generator=g, dtype=torch.float64)
     h = h.detach().cpu()
     if state.basis is not None:  # the Hessian is in the working basis; inputs are in the original one
