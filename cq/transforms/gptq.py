@@ -114,4 +114,4 @@ def gptq_update(state: LayerState, *, cfg: GPTQConfig = GPTQConfig()) -> LayerSt
         Frantar, Ashkboos, Hoefler, Alistarh. "GPTQ: Accurate Post-Training Quantization for
         Generative Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323).
     """
-    return feedback_round(state, cfg, stage="gptq_update", solve=gptq_solve)
+    return feedback_round(state, cfg, stage="gptq_update", solve=gptq_solve, fed_back=True)

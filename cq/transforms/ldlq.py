@@ -72,4 +72,4 @@ def ldlq(state: LayerState, *, cfg: LDLQConfig = LDLQConfig()) -> LayerState:
         Chee, Cai, Kuleshov, De Sa. "QuIP: 2-Bit Quantization of Large Language Models With
         Guarantees", NeurIPS 2023 (arXiv:2307.13304).
     """
-    return feedback_round(state, cfg, stage="ldlq", solve=ldlq_solve)
+    return feedback_round(state, cfg, stage="ldlq", solve=ldlq_solve, fed_back=True)
