@@ -169,6 +169,7 @@ def main(argv=None) -> None:
         ("cq gptq_update (metrics on)", lambda: gptq_update(state, cfg=GPTQConfig())),
         ("cq gptq_update (metrics off)", lambda: gptq_update(state, cfg=GPTQConfig(metrics=False))),
         ("cq gptq_update act-order (metrics off)", lambda: gptq_update(state, cfg=GPTQConfig(actorder=True, metrics=False))),
+        ("cq ldlq (metrics on)", lambda: ldlq(state, cfg=LDLQConfig())),
         ("cq ldlq (metrics off)", lambda: ldlq(state, cfg=LDLQConfig(metrics=False))),
     ]
     # Rounds interleave the methods, so a busy spell on the shared machine hits all of them alike;
@@ -193,6 +194,11 @@ def main(argv=None) -> None:
         print(f"| {name} | {sec:.2f} | {cpu:.2f} | {rel:.5f} | {-20 * math.log10(rel):.1f} | {ratio} |")
     if predicted is not None:
         print(f"\nuniform-error prediction for GPTQ/LDLQ (LDL of the damped H): rel-out {predicted:.5f}")
+    secs = {name: sec for name, sec, _, _ in rows}
+    print("\ncq time / published GPTQ time (target ≤ 0.50×): "
+          + ", ".join(f"{label} {secs[name] / base:.2f}×" for label, name in [
+              ("GPTQ metrics off", "cq gptq_update (metrics off)"), ("GPTQ metrics on", "cq gptq_update (metrics on)"),
+              ("LDLQ metrics off", "cq ldlq (metrics off)"), ("LDLQ metrics on", "cq ldlq (metrics on)")]))
     if args.layer_times:
         layer_times([(3072, 3072), (12288, 3072)], args.tokens, args.repeat)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import attrs
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..state import LayerState, record
 from .hessian import _nonneg_float, hessian_problem
 
@@ -23,10 +23,26 @@ __all__ = ["HessianCheckConfig", "check_hessian"]
 class HessianCheckConfig:
     """``strict``: raise :class:`~cq.errors.InputError` on a bad Hessian instead of falling back.
     ``percdamp``: the damping the check allows for, as in :class:`~cq.transforms.hessian.DampingConfig`.
+    ``definite``: ``False`` skips the definiteness test (a Cholesky factorization, 0.3 s at
+    K = 4096) and keeps the ``O(K²)`` ones (non-finite, all zero, negative diagonal, dead inputs
+    with off-diagonal entries). Only for a pipeline whose first Hessian consumer is GPTQ, LDLQ or
+    QuIP: they factor the damped Hessian anyway and, when that fails, run the full test and round
+    to nearest with a warning, so the layer is judged once, not twice. Not with ``strict``.
+
+    Example:
+        >>> HessianCheckConfig(definite=False).strict
+        False
     """
 
     strict: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     percdamp: float = attrs.field(default=0.01, validator=_nonneg_float)
+    definite: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+    def __attrs_post_init__(self):
+        if self.strict and not self.definite:
+            raise ConfigError("HessianCheckConfig(strict=True, definite=False): a strict check must test "
+                              "definiteness itself (the solvers fall back to round-to-nearest instead of "
+                              "raising); use definite=True with strict=True")
 
 
 def check_hessian(state: LayerState, *, cfg: HessianCheckConfig = HessianCheckConfig()) -> LayerState:
@@ -45,7 +61,8 @@ def check_hessian(state: LayerState, *, cfg: HessianCheckConfig = HessianCheckCo
     """
     if state.hessian is None:
         return state
-    why = hessian_problem(state.hessian, state.shape[-1], name=state.name, percdamp=cfg.percdamp)
+    why = hessian_problem(state.hessian, state.shape[-1], name=state.name, percdamp=cfg.percdamp,
+                          definite=cfg.definite)
     if why is None:
         return state
     if cfg.strict:
