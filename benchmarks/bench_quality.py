@@ -340,6 +340,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                     help="comma-separated (default: the table's rows), from: " + ", ".join(RECIPES))
     ap.add_argument("--tokens", type=int, default=2048, help="DiT-like calibration (= held-out) tokens per layer")
+    ap.add_argument("--calib-n", type=int, default=None,
+                    help="MiniLM: calibrate on only the first N calibration sentences (the data-size curve)")
     ap.add_argument("--swap", action="store_true",
                     help="MiniLM: calibrate on the held-out sentences and judge on the calibration ones")
     args = ap.parse_args(argv)
@@ -349,7 +351,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
     torch.manual_seed(0)
     if args.only in (None, "minilm"):
-        res = run_minilm(recipes, swap=args.swap)
+        res = run_minilm(recipes, swap=args.swap, calib_n=args.calib_n)
         print(f"\nMiniLM-L6: {res['layers']} Linears, calibrated on {res['calib']} sentences (capture with W8A8 "
               f"statistics {res['capture_s']:.1f} s), mean 1 − cos on held-out sentences\n")
         floor = next(r["w8a8"] for r in res["rows"] if r["recipe"] == "floor (ConvRot)")

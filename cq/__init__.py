@@ -8,6 +8,7 @@ transforms in :mod:`cq.transforms`), I/O (:mod:`cq.io`) and the reference's util
 from . import _startup  # noqa: F401 - first: `cq` started from a shell says Ctrl-C in one line, even while torch imports
 from .api import convert_to_int8
 from .calibrate import HessianStats, capture, hessian_finalize, hessian_init, hessian_update
+from .sequential import capture_sequential
 from .io.calibration import Calibration, attach_calibration, load_calibration, save_calibration, synthetic_hessian
 from .config import ConvertConfig
 from .constants import (COMPUTE_DTYPE, INT8_MAX, INT8_MIN, INT8_SYMMETRIC_MAX, SCALE_DTYPE, TARGET_INT8_DTYPE,
@@ -54,7 +55,7 @@ __all__ = [
     "LayerPlan", "plan_model", "ModelEdits", "ModelView", "DictView",
     "LayerState", "PerTensor", "PerRow", "PerBlock", "PerGroup", "record", "Stage", "Pipeline", "pipeline",
     "stage", "tap",
-    "capture", "HessianStats", "hessian_init", "hessian_update", "hessian_finalize", "save_calibration",
+    "capture", "capture_sequential", "HessianStats", "hessian_init", "hessian_update", "hessian_finalize", "save_calibration",
     "load_calibration", "Calibration", "synthetic_hessian", "attach_calibration", "gptq_pipeline", "quip_pipeline",
     "QuIPResult", "dequantize_transformed", "dequantize_transformed_file", "synthetic",
     # errors

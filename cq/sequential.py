@@ -2,8 +2,8 @@
 
 :func:`capture_sequential` walks the model's ``nn.Linear`` layers in the order the forward pass first
 calls them. Layers that receive the same input tensor (``q``/``k``/``v``) form one group. For each
-group it runs the calibration inputs through the float model and through a working copy in which
-every earlier group is already quantized (weight-only, with the recipe you will convert with), and
+group it runs the calibration inputs through the float model and through the same model with
+every earlier group already quantized (weight-only, with the recipe you will convert with), and
 pairs the rows token by token:
 
 * ``H = 2/T · X̃ᵀX̃`` from the inputs the quantized model gives the layer (``<L>.hessian``), with the
@@ -16,8 +16,10 @@ Then it quantizes the group with those statistics and moves on. The result saves
 :func:`cq.io.calibration.save_calibration` like :func:`cq.calibrate.capture`'s; files with an
 ``upstream`` entry are used by ``--optimizer gptq`` and ``--optimizer quip`` automatically.
 
-Cost: two forward passes over the calibration inputs per group (``q``/``k``/``v`` count once) and a
-working copy of the module (twice its memory). Pass the recipe you will convert with: the earlier
+Cost: two forward passes over the calibration inputs per group (``q``/``k``/``v`` count once) and
+the rounded weights of the layers done so far (up to one more copy of the Linear weights). The
+quantized passes run the user's own module with those weights swapped in for the pass and swapped
+back after it (also on error), so a ``forward`` that closes over the module still sees them. Pass the recipe you will convert with: the earlier
 layers' rounding is part of what the statistics describe.
 
 Example:
@@ -32,7 +34,7 @@ Example:
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 from typing import Any, Callable, Iterable, Mapping
 
@@ -78,6 +80,20 @@ def _mask_rows(x2: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> 
     return x2
 
 
+@contextlib.contextmanager
+def _swapped(mods: Mapping[str, torch.nn.Module], weights: Mapping[str, torch.Tensor]):
+    # A pointer swap, not a copy: the parameter objects stay the user's, only their storage changes
+    # for the duration of one forward pass.
+    saved = {n: mods[n].weight.data for n in weights}
+    try:
+        for n, w in weights.items():
+            mods[n].weight.data = w
+        yield
+    finally:
+        for n, w in saved.items():
+            mods[n].weight.data = w
+
+
 def _order(ref: torch.nn.Module, selected, item, forward) -> list[list[str]]:
     """Layer groups in first-call order; a group shares one input tensor (one forward pass to find out)."""
     groups: list[_Group] = []
@@ -118,8 +134,8 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
     """Per-layer statistics of the partly quantized model, with the upstream cross term (see the module doc).
 
     Args:
-        module: the float model (``eval()`` mode); it is not modified: the quantized layers live in a
-            deep copy.
+        module: the float model (``eval()`` mode); it is not modified: the rounded weights of the layers
+            done so far are swapped in only for the quantized passes.
         inputs: calibration items, iterated many times (a list is kept internally); each is passed
             as in :func:`cq.calibrate.capture` (``forward(module, item)``, ``module(**item)``, ...).
         quantize: how the earlier layers are rounded: a recipe record (``GPTQ()``, ``QuIP()``), a
@@ -155,8 +171,7 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
     keys = [k for _, k, _ in selected]
     if len(set(keys)) != len(keys):
         raise ConfigError("capture_sequential: name_map gives several layers the same key; make it one-to-one")
-    work = copy.deepcopy(module)
-    work_mods = dict(work.named_modules())
+    qweights: dict[str, torch.Tensor] = {}
     groups = _order(ref, [(n, m) for n, _, m in selected], items[0], forward)
     key_by_name = {n: k for n, k, _ in selected}
     ref_by_name = {n: m for n, _, m in selected}
@@ -177,7 +192,7 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
                                      f"(got {type(item).__name__}); pass mappings such as tokenizer batches")
                 mask = torch.as_tensor(item[token_mask]).bool()
             rows = {}
-            for side, mods in (("float", ref_by_name), ("quantized", work_mods)):
+            for side in ("float", "quantized"):
                 got = {n: [] for n in names}
 
                 def make(name, got=got):
@@ -189,10 +204,10 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
                         return None
                     return hook
 
-                handles = [mods[n].register_forward_pre_hook(make(n), with_kwargs=True) for n in names]
+                handles = [ref_by_name[n].register_forward_pre_hook(make(n), with_kwargs=True) for n in names]
                 try:
-                    with torch.no_grad():
-                        _call(ref if side == "float" else work, item, forward)
+                    with torch.no_grad(), _swapped(ref_by_name, qweights if side == "quantized" else {}):
+                        _call(ref, item, forward)
                 finally:
                     for h in handles:
                         h.remove()
@@ -227,7 +242,7 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
             d = (cross[n] * (2.0 / count[n])).to(torch.float32)
             stats = attrs.evolve(stats, upstream=d)
             out[key_by_name[n]] = stats
-            lin = work_mods[n]
+            lin = ref_by_name[n]
             w = lin.weight.detach()
             state = LayerState.from_weight(key_by_name[n], w.to(torch.float32),
                                            bias=None if lin.bias is None else lin.bias.detach().to(torch.float32))
@@ -238,6 +253,5 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
             if q.codes is None:
                 raise ConfigError(f"capture_sequential: quantize={quantize!r} left {key_by_name[n]!r} unquantized "
                                   "(no codes); pass an INT8 recipe such as GPTQ() or QuIP()")
-            with torch.no_grad():
-                lin.weight.copy_(reconstruct(q).to(device=w.device, dtype=w.dtype))
+            qweights[n] = reconstruct(q).to(device=w.device, dtype=w.dtype)
     return out
