@@ -58,12 +58,19 @@ class GPTQ:
     """GPTQ with the layer's calibration Hessian (round-to-nearest quality without one).
 
     ``hessian_shrink``: ``β`` of ``(1 − β)·H + β·diag(H)`` first (0.3: measured better on held-out
-    inputs; 0: GPTQ as published).
+    inputs; 0: GPTQ as published). ``upstream_strength``: with a sequential calibration file, the
+    fraction of the step toward the float model's output (:mod:`cq.transforms.upstream`; 0.5; 0: off).
     """
 
     granularity: Granularity = attrs.field(default=PerRow(), validator=_granularity)
     gptq: GPTQConfig = attrs.field(factory=GPTQConfig, validator=attrs.validators.instance_of(GPTQConfig))
     hessian_shrink: float = attrs.field(default=0.3)
+    upstream_strength: float = attrs.field(default=0.5)
+
+    @upstream_strength.validator
+    def _upstream(self, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"GPTQ.upstream_strength={value!r} must be a number in [0, 1] (0: off)")
 
     @hessian_shrink.validator
     def _shrink(self, attribute, value):
@@ -174,7 +181,7 @@ def recipe_pipeline(recipe: Recipe | Pipeline, *, backend: Backend | str = Backe
         >>> recipe_pipeline(RTN()).names, recipe_pipeline(RTN(PerTensor())).names
         (('fused_rtn',), ('check_finite', 'absmax_scale', 'round_to_nearest'))
         >>> recipe_pipeline(QuIP()).names
-        ('check_finite', 'shrink_hessian', 'convrot', 'scale', 'scale_search', 'ldlq')
+        ('check_finite', 'shrink_hessian', 'upstream_correct', 'convrot', 'scale', 'scale_search', 'ldlq')
     """
     if isinstance(recipe, Pipeline):
         return recipe
@@ -240,10 +247,12 @@ def rtn_pipeline(granularity: Granularity = PerRow(), *, backend: Backend | str 
 
 
 def gptq_pipeline(*, granularity: Granularity = PerRow(), gptq: GPTQConfig = GPTQConfig(),
-                  metrics_x: torch.Tensor | None = None, hessian_shrink: float = 0.0) -> Pipeline:
+                  metrics_x: torch.Tensor | None = None, hessian_shrink: float = 0.0,
+                  upstream_strength: float = 0.0) -> Pipeline:
     """``check_linear → check_finite → absmax_scale → gptq_update`` (→ ``measure`` with ``metrics_x``).
 
-    ``hessian_shrink > 0`` adds ``shrink_hessian`` before the scales (the :class:`GPTQ` recipe's default).
+    ``hessian_shrink > 0`` adds ``shrink_hessian`` before the scales and ``upstream_strength > 0`` then
+    ``upstream_correct`` (the :class:`GPTQ` recipe's defaults: 0.3 and 0.5).
 
     Attach the layer's Hessian to the state first (``LayerState.from_weight(..., hessian=H)`` or
     :func:`cq.io.calibration.attach_calibration`); without one GPTQ is round-to-nearest.
@@ -257,6 +266,10 @@ def gptq_pipeline(*, granularity: Granularity = PerRow(), gptq: GPTQConfig = GPT
         from .transforms.hessian_shrink import HessianShrinkConfig, shrink_hessian
 
         stages.append(stage(shrink_hessian, HessianShrinkConfig(hessian_shrink)))
+    if upstream_strength > 0:
+        from .transforms.upstream import UpstreamConfig, upstream_correct
+
+        stages.append(stage(upstream_correct, UpstreamConfig(strength=upstream_strength)))
     stages += [stage(absmax_scale, ScaleConfig(granularity)), stage(gptq_update, gptq)]
     if metrics_x is not None:
         stages.append(stage(measure, MetricsConfig(x=metrics_x)))
@@ -282,7 +295,7 @@ def _rtn(recipe: RTN, *, backend: Backend) -> Pipeline:
 @register_recipe(GPTQ, uses_hessian=True)
 def _gptq(recipe: GPTQ, *, backend: Backend) -> Pipeline:
     return gptq_pipeline(granularity=recipe.granularity, gptq=attrs.evolve(recipe.gptq, backend=backend),
-                         hessian_shrink=recipe.hessian_shrink)
+                         hessian_shrink=recipe.hessian_shrink, upstream_strength=recipe.upstream_strength)
 
 
 @register_recipe(QuIP, uses_hessian=True)
