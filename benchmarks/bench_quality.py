@@ -185,7 +185,7 @@ def _groupsize_rot(k):
 # ---------------------------------------------------------------------------------------------- MiniLM
 
 
-def run_minilm(recipes, *, calib_n=None, swap=False):
+def run_minilm(recipes, *, calib_n=None, swap=False, extra_calib=0):
     import minilm_gptq as M
 
     if swap:  # calibrate on the 32 held-out sentences, judge on the 64 calibration ones
@@ -193,6 +193,12 @@ def run_minilm(recipes, *, calib_n=None, swap=False):
                                   CALIBRATION_SENTENCES=M.HELDOUT_SENTENCES, HELDOUT_SENTENCES=M.CALIBRATION_SENTENCES)
     tokenizer, model = M.load_model()
     calib = M.CALIBRATION_SENTENCES[:calib_n] if calib_n else M.CALIBRATION_SENTENCES
+    if extra_calib:
+        if swap:
+            raise SystemExit("--extra-calib adds calibration sentences; it cannot be combined with --swap")
+        from minilm_extra_sentences import EXTRA_SENTENCES
+
+        calib = list(calib) + EXTRA_SENTENCES[:extra_calib]
     batches = [tokenizer(calib[i:i + 16], padding=True, truncation=True, return_tensors="pt")
                for i in range(0, len(calib), 16)]
     t0 = time.perf_counter()
@@ -342,6 +348,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=2048, help="DiT-like calibration (= held-out) tokens per layer")
     ap.add_argument("--calib-n", type=int, default=None,
                     help="MiniLM: calibrate on only the first N calibration sentences (the data-size curve)")
+    ap.add_argument("--extra-calib", type=int, default=0,
+                    help="MiniLM: add the first N of scripts/minilm_extra_sentences.py to the calibration sentences")
     ap.add_argument("--swap", action="store_true",
                     help="MiniLM: calibrate on the held-out sentences and judge on the calibration ones")
     args = ap.parse_args(argv)
@@ -351,7 +359,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
     torch.manual_seed(0)
     if args.only in (None, "minilm"):
-        res = run_minilm(recipes, swap=args.swap, calib_n=args.calib_n)
+        res = run_minilm(recipes, swap=args.swap, calib_n=args.calib_n, extra_calib=args.extra_calib)
         print(f"\nMiniLM-L6: {res['layers']} Linears, calibrated on {res['calib']} sentences (capture with W8A8 "
               f"statistics {res['capture_s']:.1f} s), mean 1 − cos on held-out sentences\n")
         floor = next(r["w8a8"] for r in res["rows"] if r["recipe"] == "floor (ConvRot)")

@@ -112,4 +112,6 @@ def upstream_correct(state: LayerState, *, cfg: UpstreamConfig = UpstreamConfig(
     new = (w + cfg.strength * step).to(state.weight.dtype)
     if not bool(torch.isfinite(new).all()):
         return record(state, "upstream_correct", cfg, note="upstream correction skipped: non-finite result")
-    return record(state, "upstream_correct", cfg, weight=new)
+    # How far the target moved, relative to the weight (the report's trace of the correction).
+    moved = float((new.to(torch.float64) - w).norm() / w.norm().clamp_min(1e-300))
+    return record(state, "upstream_correct", cfg, weight=new, metrics={"upstream_step": moved})
