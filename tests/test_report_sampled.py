@@ -135,3 +135,16 @@ def test_cached_token_codes_follow_in_place_edits_of_the_inputs():
     q2, s2 = M._token_codes(x)
     ref_q, ref_s = quantize_activations_ref(x)
     assert torch.equal(q2, ref_q) and torch.equal(s2, ref_s)
+
+
+def test_measure_without_inputs_reuses_the_fused_weight_metrics():
+    """No second sweep over the weight when the fused stage already formed the exact sums."""
+    state = _layer(300, 40, torch.bfloat16, seed=7)
+    got = measure(state).metrics
+    assert got == {k: state.metrics[k] for k in ("mse", "sqnr_db", "max_error")}
+    w = state.weight.to(F64)
+    e = w - state.codes.to(F64) * state.scale.to(F64)
+    # the kernel forms e = fl(w − fl(c·s)) in float32: off by ≤ u·(|c·s| + |e|) ≤ 2u·max|w| per element
+    tol = 2 * U32 * float(w.abs().max())
+    assert abs(got["max_error"] - float(e.abs().max())) <= tol
+    assert abs(math.sqrt(got["mse"]) - float(e.square().mean().sqrt())) <= tol

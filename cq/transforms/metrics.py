@@ -353,12 +353,15 @@ def measure(state: LayerState, *, cfg: MetricsConfig = MetricsConfig()) -> Layer
     if not original.numel():
         return record(state, "measure", cfg, metrics=weight_metrics(original, original))
     x2 = None if cfg.x is None else cfg.x.detach().reshape(-1, cfg.x.shape[-1]).to(torch.float32)
-    if (cfg.sample_rows and x2 is not None and _rowwise_ok(state, original) and "row_sums" in state.meta
-            and all(k in state.metrics for k in _WEIGHT_KEYS) and original.shape[0] > 4 * cfg.sample_rows):
-        m = {k: state.metrics[k] for k in _WEIGHT_KEYS}  # exact, from the fused sweep
+    fused = (_rowwise_ok(state, original) and "row_sums" in state.meta
+             and all(k in state.metrics for k in _WEIGHT_KEYS))  # exact weight metrics from the fused sweep
+    if fused and cfg.sample_rows and x2 is not None and original.shape[0] > 4 * cfg.sample_rows:
+        m = {k: state.metrics[k] for k in _WEIGHT_KEYS}
         m.update(_sampled_output_metrics(state, original, x2, cfg.sample_rows, cfg.backend))
         return record(state, "measure", cfg, metrics=m)
-    if _rowwise_ok(state, original):
+    if fused and x2 is None:  # nothing to add but a Hessian's error: no second sweep over the weight
+        m, ref = {k: state.metrics[k] for k in _WEIGHT_KEYS}, None
+    elif _rowwise_ok(state, original):
         m, ref = _rowwise_metrics(state, original, x2)
     else:
         e = _error32(original, reconstruct(state))
