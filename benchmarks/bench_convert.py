@@ -239,23 +239,28 @@ def main(argv=None) -> int:
                 w.add(f"blocks.{i}.fc.weight", (torch.randn(args.dim, args.dim, generator=g) * 0.02).to(torch.bfloat16))
                 w.add(f"blocks.{i}.fc.bias", torch.zeros(args.dim, dtype=torch.bfloat16))
         size = os.path.getsize(src)
-        rows = []
+        names = []
         for name in args.only.split(","):
-            label = CONVERTERS[name][0]
             if name in PEER_FLAGS and not args.peer_python:
                 print(f"({name}: no --peer-python and no {DEFAULT_PEER_PYTHON}, skipped)")
                 continue
-            runs = []
-            for _ in range(args.repeat):
+            names.append(name)
+        # Interleaved: round r runs every converter once, so a change of load on the shared machine
+        # hits all of them alike instead of one converter's whole series.
+        results: dict[str, list] = {name: [] for name in names}
+        failed: set[str] = set()  # a peer that failed once is not run again
+        for _ in range(args.repeat):
+            for name in names:
+                if name in failed:
+                    continue
                 r = _run(name, src, os.path.join(tmp, f"{name}.safetensors"), args.threads,
                          args.peer_python if name in PEER_FLAGS else None)
                 if r is None:
-                    break
-                runs.append(r)
+                    failed.add(name)
+                    continue
+                results[name].append(r)
                 os.unlink(os.path.join(tmp, f"{name}.safetensors"))
-            if not runs:
-                continue
-            rows.append((name, label, runs))
+        rows = [(name, CONVERTERS[name][0], results[name]) for name in names if results[name]]
         if args.profile:
             _profile(src, os.path.join(tmp, "profile.safetensors"))
     threads = args.threads or torch.get_num_threads()
