@@ -192,3 +192,21 @@ def test_check_without_factorization_leaves_the_verdict_to_the_solver():
     assert dropped.hessian is None
     with pytest.raises(ConfigError, match="strict"):
         HessianCheckConfig(strict=True, definite=False)
+
+
+def test_rtn_forms_beside_the_solve_give_the_same_result(monkeypatch):
+    # With > 1 thread the signal and RTN loss of a big layer run in a background job during the
+    # one-thread factorization; codes and every metric must equal the one-thread (inline) run.
+    monkeypatch.setattr(hessian, "EXACT_LOSS_WORK", 0)
+    w, h = _problem(40, 192, seed=5, dead=2)
+    state = absmax_scale(LayerState.from_weight("fc", w, hessian=h), cfg=ScaleConfig(PerGroup(64)))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            runs.append(ldlq(state, cfg=LDLQConfig(precision="float32", actorder=True)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0].codes, runs[1].codes)
+    assert runs[0].metrics == runs[1].metrics
