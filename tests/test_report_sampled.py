@@ -43,9 +43,13 @@ def _wnorm(t: torch.Tensor, wt: torch.Tensor) -> float:
     return math.sqrt(float((t.square() * wt).sum()))
 
 
-def _exact_and_bound(state: LayerState, x: torch.Tensor, m: int):
-    """The estimator in float64 on the same rows, and the worst-case gap of the float32 code."""
-    idx, wt = M._importance_sample(state, m)
+def _exact_and_bound(state: LayerState, x: torch.Tensor, m: int | None):
+    """The estimator in float64 on the same rows (``m=None``: every row, weight 1), and the
+    worst-case gap of the float32 code."""
+    if m is None:
+        idx, wt = torch.arange(state.shape[0]), torch.ones(state.shape[0], dtype=F64)
+    else:
+        idx, wt = M._importance_sample(state, m)
     w = state.weight.index_select(0, idx).to(F64)
     c = state.codes.index_select(0, idx).to(F64)
     s = state.scale.index_select(0, idx).to(F64)
@@ -148,3 +152,15 @@ def test_measure_without_inputs_reuses_the_fused_weight_metrics():
     tol = 2 * U32 * float(w.abs().max())
     assert abs(got["max_error"] - float(e.abs().max())) <= tol
     assert abs(math.sqrt(got["mse"]) - float(e.square().mean().sqrt())) <= tol
+
+
+@pytest.mark.parametrize("n,k,dtype", [(300, 40, torch.bfloat16), (1200, 96, torch.float32), (64, 1, torch.float16)])
+def test_output_errors_of_small_fused_layers_are_exact_over_every_row(n, k, dtype):
+    """Layers of ≤ 4·sample_rows rows: every row, the same chunked float32 products, float64 sums."""
+    state = _layer(n, k, dtype, seed=n + k)
+    x = torch.randn(64, k, generator=torch.Generator().manual_seed(k))
+    got = measure(state, cfg=MetricsConfig(x=x, sample_rows=512)).metrics
+    assert "output_rows" not in got
+    exact, bound = _exact_and_bound(state, x, None)
+    for key in ("rel_out_x", "w8a8"):
+        assert abs(got[key] / exact[key] - 1) <= bound[key], (key, got[key], exact[key], bound[key])

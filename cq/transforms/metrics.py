@@ -301,6 +301,24 @@ def _sampled_output_metrics(state: LayerState, original: torch.Tensor, x2: torch
     return {"rel_out_x": rel(noise), "w8a8": rel(w8), "output_rows": m}
 
 
+def _all_rows_output_metrics(state: LayerState, original: torch.Tensor, x2: torch.Tensor, backend) -> dict[str, float]:
+    """``rel_out_x`` and ``w8a8`` over every row, through the sampled path's chunks (all rows, weight 1):
+    the exact figures of :func:`_rowwise_metrics` / :func:`_w8a8` with float64 sums of the same float32
+    products, on one thread, without fresh [rows, K] temporaries (a 1280² layer's report cost 17×
+    its quantization with those, measured)."""
+    dev = original.device
+    n = original.shape[0]
+    idx = torch.arange(n, device=dev)
+    weight = torch.ones(n, dtype=torch.float32, device=dev)
+    fast_w8 = select("int8_linear", backend, (x2, state.codes, state.scale)).name == "torch"
+    tokens = _token_codes(x2) if fast_w8 else None
+    with one_thread(original):
+        signal, noise, w8 = _sampled_sums(state, original, x2, idx, weight, state.scale.to(torch.float32),
+                                          isinstance(state.granularity, PerRow), tokens, backend)
+    w8a8 = 0.0 if w8 == 0.0 else (math.sqrt(w8 / signal) if signal > 0 else math.inf)
+    return {"rel_out_x": math.sqrt(noise / signal) if signal > 0 else 0.0, "w8a8": w8a8}
+
+
 def _sampled_sums(state, original, x2, idx, weight, scale, per_row, tokens, backend) -> tuple[float, float, float]:
     # On one thread: these are [T, K]×[K, 256] products and [128, K] gathers, too small for a
     # thread team to pay off, and a team of 2 on 2 cores shared with the runner's reader and writer
@@ -359,8 +377,11 @@ def measure(state: LayerState, *, cfg: MetricsConfig = MetricsConfig()) -> Layer
         m = {k: state.metrics[k] for k in _WEIGHT_KEYS}
         m.update(_sampled_output_metrics(state, original, x2, cfg.sample_rows, cfg.backend))
         return record(state, "measure", cfg, metrics=m)
-    if fused and x2 is None:  # nothing to add but a Hessian's error: no second sweep over the weight
-        m, ref = {k: state.metrics[k] for k in _WEIGHT_KEYS}, None
+    ref = None
+    if fused:  # weight metrics from the fused sweep; output errors over every row, as the sampled path does them
+        m = {k: state.metrics[k] for k in _WEIGHT_KEYS}
+        if x2 is not None:
+            m.update(_all_rows_output_metrics(state, original, x2, cfg.backend))
     elif _rowwise_ok(state, original):
         m, ref = _rowwise_metrics(state, original, x2)
     else:
@@ -374,6 +395,6 @@ def measure(state: LayerState, *, cfg: MetricsConfig = MetricsConfig()) -> Layer
     if state.hessian is not None and state.codes is not None and "rel_out_h" not in state.metrics:
         m["rel_out_h"] = rel_output_error(state.weight, working_dequantized(state), hessian=state.hessian)
     if (x2 is not None and state.codes is not None and isinstance(state.granularity, (PerTensor, PerRow))
-            and (state.basis is None or state.basis.native)):
+            and (state.basis is None or state.basis.native) and "w8a8" not in m):
         m["w8a8"] = _w8a8(state, x2, ref.to(torch.float32), cfg.backend)
     return record(state, "measure", cfg, metrics=m)
