@@ -120,6 +120,8 @@ for _b in (0.1, 0.2, 0.3, 0.5, 0.7):
                                                                 cfg=LDLQ_ACT))(_b)
     RECIPES[f"quip@s{_b}d0.1"] = (lambda b: lambda s: ldlq(absmax_scale(_rot(_shrunk(s, b)), cfg=ROW), cfg=attrs.evolve(
         LDLQ_ACT, damping=DampingConfig(percdamp=0.1))))(_b)
+RECIPES["quip@auto"] = lambda s: ldlq(absmax_scale(_rot(shrink_hessian(s, cfg=HessianShrinkConfig("auto"))), cfg=ROW),
+                                     cfg=LDLQ_ACT)
 for _c in (0.1, 0.3):
     RECIPES[f"quip@kt{_c}"] = (lambda c: lambda s: ldlq(absmax_scale(_rot(s), cfg=ROW), cfg=_kt_damp(s, c)))(_c)
 RECIPES["quip@d0.1+bias"] = lambda s: bias_correction(RECIPES["quip@d0.1"](s))

@@ -78,6 +78,20 @@ class Option:
         return self.target.split(".", 1)[1]
 
 
+def _shrink_value(value):
+    """``--hessian-shrink``: ``auto`` or a number in [0, 1] (the recipe record validates the range)."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"hessian_shrink={value!r} must be 'auto' or a number in [0, 1], e.g. 0.3") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"hessian_shrink={value!r} must be 'auto' or a number in [0, 1], e.g. 0.3")
+    return float(value)
+
+
 def _opt(name, target, value=None, *flags, facade="param", help=None, group="run", why="", **cli):
     """A row: ``value`` is the facade default; ``cli`` keywords (``default`` too) go to add_argument."""
     return Option(name, target, value, facade, tuple(flags), help, group, dict(cli), why)
@@ -194,8 +208,9 @@ OPTIONS: tuple[Option, ...] = (
     _opt("block_size", "recipe.block_size", None, "--block_size", facade="kwarg", group="output format", type=int,
          help="tile size for --scaling_mode block (128), or the group of --quip-requant-scheme block"),
     _opt("hessian_shrink", "recipe.hessian_shrink", None, "--hessian-shrink", facade="kwarg", group="rounding",
-         type=float, help="GPTQ/QuIP: shrink the calibration Hessian toward its diagonal by this weight (default "
-                          "0.3, measured better on held-out data; 0: the published algorithms)"),
+         type=_shrink_value, help="GPTQ/QuIP: shrink the calibration Hessian toward its diagonal by this weight "
+                                  "(default auto: min(0.3, 0.7·K/T) for T calibration tokens, measured better on "
+                                  "held-out data; 0: the published algorithms)"),
     _opt("upstream_strength", "recipe.upstream_strength", None, "--upstream-strength", facade="kwarg",
          group="rounding", type=float,
          help="GPTQ/QuIP with a sequential calibration file (cq.sequential.capture_sequential): fraction of the "
@@ -331,7 +346,7 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
         q = {k: v for k, v in groups["quip"].items() if v is not None}
         recipe = QuIP(quip_config_from_legacy(block_size=int(block_size or 128), **q))
         if shrink is not None:
-            recipe = QuIP(attrs.evolve(recipe.quip, hessian_shrink=float(shrink)))
+            recipe = QuIP(attrs.evolve(recipe.quip, hessian_shrink=_shrink_value(shrink)))
         if upstream is not None:
             recipe = QuIP(attrs.evolve(recipe.quip, upstream_strength=float(upstream)))
         if q.get("seed") is not None and recipe.quip.resolved_output == "convrot":
@@ -353,7 +368,7 @@ def build_config(values: Mapping[str, Any]) -> tuple[str, str, ConvertConfig]:
                           UserWarning, stacklevel=3)
         recipe = GPTQ(granularity_for(mode, block_size),
                       GPTQConfig(**{k: bool(v) for k, v in g.items() if v is not None}),
-                      **({} if shrink is None else {"hessian_shrink": float(shrink)}),
+                      **({} if shrink is None else {"hessian_shrink": _shrink_value(shrink)}),
                       **({} if upstream is None else {"upstream_strength": float(upstream)}))
     else:
         recipe = RTN(granularity_for(mode, block_size))

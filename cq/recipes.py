@@ -57,14 +57,14 @@ class RTN:
 class GPTQ:
     """GPTQ with the layer's calibration Hessian (round-to-nearest quality without one).
 
-    ``hessian_shrink``: ``β`` of ``(1 − β)·H + β·diag(H)`` first (0.3: measured better on held-out
-    inputs; 0: GPTQ as published). ``upstream_strength``: with a sequential calibration file, the
+    ``hessian_shrink``: ``β`` of ``(1 − β)·H + β·diag(H)`` first (``"auto"``: ``min(0.3, 0.7·K/T)`` for
+    ``T`` calibration tokens, measured better on held-out inputs; 0: GPTQ as published). ``upstream_strength``: with a sequential calibration file, the
     fraction of the step toward the float model's output (:mod:`cq.transforms.upstream`; 0.5; 0: off).
     """
 
     granularity: Granularity = attrs.field(default=PerRow(), validator=_granularity)
     gptq: GPTQConfig = attrs.field(factory=GPTQConfig, validator=attrs.validators.instance_of(GPTQConfig))
-    hessian_shrink: float = attrs.field(default=0.3)
+    hessian_shrink: float | str = attrs.field(default="auto")
     upstream_strength: float = attrs.field(default=0.5)
 
     @upstream_strength.validator
@@ -74,8 +74,10 @@ class GPTQ:
 
     @hessian_shrink.validator
     def _shrink(self, attribute, value):
+        if value == "auto":
+            return
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ConfigError(f"GPTQ.hessian_shrink={value!r} must be a number in [0, 1] (0: GPTQ as published)")
+            raise ConfigError(f"GPTQ.hessian_shrink={value!r} must be 'auto' or a number in [0, 1] (0: GPTQ as published)")
 
 
 @attrs.frozen
@@ -247,12 +249,12 @@ def rtn_pipeline(granularity: Granularity = PerRow(), *, backend: Backend | str 
 
 
 def gptq_pipeline(*, granularity: Granularity = PerRow(), gptq: GPTQConfig = GPTQConfig(),
-                  metrics_x: torch.Tensor | None = None, hessian_shrink: float = 0.0,
+                  metrics_x: torch.Tensor | None = None, hessian_shrink: float | str = 0.0,
                   upstream_strength: float = 0.0) -> Pipeline:
     """``check_linear → check_finite → absmax_scale → gptq_update`` (→ ``measure`` with ``metrics_x``).
 
     ``hessian_shrink > 0`` adds ``shrink_hessian`` before the scales and ``upstream_strength > 0`` then
-    ``upstream_correct`` (the :class:`GPTQ` recipe's defaults: 0.3 and 0.5).
+    ``upstream_correct`` (the :class:`GPTQ` recipe's defaults: ``"auto"`` and 0.5).
 
     Attach the layer's Hessian to the state first (``LayerState.from_weight(..., hessian=H)`` or
     :func:`cq.io.calibration.attach_calibration`); without one GPTQ is round-to-nearest.
@@ -262,7 +264,7 @@ def gptq_pipeline(*, granularity: Granularity = PerRow(), gptq: GPTQConfig = GPT
         ('check_linear', 'check_finite', 'absmax_scale', 'gptq_update')
     """
     stages = [stage(check_linear), stage(check_finite)]
-    if hessian_shrink > 0:
+    if hessian_shrink != 0:
         from .transforms.hessian_shrink import HessianShrinkConfig, shrink_hessian
 
         stages.append(stage(shrink_hessian, HessianShrinkConfig(hessian_shrink)))

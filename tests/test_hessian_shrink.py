@@ -34,3 +34,28 @@ def test_errors():
     s = convrot(LayerState.from_weight("fc", torch.ones(2, 16), hessian=torch.eye(16)))
     with pytest.raises(CqError, match="before the rotation"):
         shrink_hessian(s)
+
+
+@pytest.mark.parametrize("samples, beta", [(None, 0.3), (16, 0.3), (224, 0.05), (10 ** 6, 0.0)])
+def test_auto_shrinks_less_as_the_calibration_grows(samples, beta):
+    # β = min(0.3, 0.7·K/T): K = 16 inputs; T unknown → 0.3
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    h = x.T @ x / 32
+    meta = {} if samples is None else {"calibration": {"samples": samples}}
+    out = shrink_hessian(LayerState.from_weight("fc", torch.ones(2, 16), hessian=h, meta=meta))
+    b = round(min(0.3, 0.7 * 16 / samples), 4) if samples else 0.3
+    assert out.metrics["hessian_shrink"] == b == pytest.approx(beta, abs=1e-6)
+    torch.testing.assert_close(out.hessian, (1 - b) * h + b * torch.diag(h.diagonal()), rtol=1e-15, atol=0)
+
+
+def test_the_cli_takes_auto_or_a_number():
+    from cq.options import build_config
+
+    base = dict(input_file="a.safetensors", output_file="b.safetensors", optimizer="quip")
+    assert build_config({**base, "hessian_shrink": "auto"})[2].recipe.quip.hessian_shrink == "auto"
+    assert build_config({**base, "hessian_shrink": "0.2"})[2].recipe.quip.hessian_shrink == 0.2
+    with pytest.raises(ConfigError, match="'auto' or a number"):
+        build_config({**base, "hessian_shrink": "lots"})
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        build_config({**base, "hessian_shrink": 2.0})

@@ -145,7 +145,7 @@ def test_pipelines_are_named_and_extensible():
     assert p["upstream_correct"].cfg.strength == 0.5
     assert quip_pipeline(QuIPConfig(hessian_shrink=0, upstream_strength=0, data_free_scale_search=False)).names == (
         "check_finite", "convrot", "scale", "ldlq")  # the textbook ConvRot + LDLQ
-    assert p["shrink_hessian"].cfg.beta == 0.3 and p["scale_search"].cfg.only_without_hessian
+    assert p["shrink_hessian"].cfg.beta == "auto" and p["scale_search"].cfg.only_without_hessian
     assert p["ldlq"].cfg.ldlq.actorder is True and p["ldlq"].cfg.ldlq.damping.percdamp == 0.01
     assert p["convrot"].cfg.groupsize == "auto"
     assert quip_pipeline(QuIPConfig(output="requant", requant_scheme="block")).names[-3:] == (

@@ -91,8 +91,12 @@ def _output(instance, attribute, value):
 
 
 def _shrink(instance, attribute, value):
+    if value == "auto" and attribute.name == "hessian_shrink":
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"hessian_shrink={value!r} must be a number in [0, 1] (0: the raw Hessian; 0.3: cq's default)")
+        raise ConfigError(f"{attribute.name}={value!r} must be a number in [0, 1]"
+                          + (" or 'auto' (0: the raw Hessian; 'auto': cq's default)" if attribute.name == "hessian_shrink"
+                             else " (0: off)"))
 
 
 def _groupsize(instance, attribute, value):
@@ -118,8 +122,9 @@ class QuIPConfig:
     ``convrot_groupsize``: ``"auto"`` (256 when K allows) or a power of 4. ``rescale`` / ``permute``:
     QuIP's diagonal rescaling and random permutation on the two-sided outputs. ``lazy_batch``:
     LDLQ's lazy block updates (``False``: the textbook loop; same codes, slower).
-    ``hessian_shrink`` (ConvRot output): ``β`` of ``(1 − β)·H + β·diag(H)`` before LDLQ (0.3; 0: the raw
-    Hessian). ``data_free_scale_search`` (ConvRot output): without a Hessian, per-row clipping by weight
+    ``hessian_shrink`` (ConvRot output): ``β`` of ``(1 − β)·H + β·diag(H)`` before LDLQ (``"auto"``:
+    ``min(0.3, 0.7·K/T)`` for ``T`` calibration tokens, see :func:`~cq.transforms.hessian_shrink.auto_beta`;
+    0: the raw Hessian). ``data_free_scale_search`` (ConvRot output): without a Hessian, per-row clipping by weight
     MSE instead of absmax scales. ``upstream_strength``: with a sequential calibration file (its
     ``upstream`` cross terms), the fraction of the GPTAQ-style step toward the float model's output taken
     before rounding (:func:`~cq.transforms.upstream.upstream_correct`; 0.5; 0: off); files without it
@@ -146,7 +151,7 @@ class QuIPConfig:
     rescale: bool = attrs.field(default=True, validator=_bool)
     permute: bool = attrs.field(default=True, validator=_bool)
     lazy_batch: bool = attrs.field(default=True, validator=_bool)
-    hessian_shrink: float = attrs.field(default=0.3, validator=_shrink)
+    hessian_shrink: float | str = attrs.field(default="auto", validator=_shrink)
     upstream_strength: float = attrs.field(default=0.5, validator=_shrink)
     data_free_scale_search: bool = attrs.field(default=True, validator=_bool)
 
@@ -325,7 +330,7 @@ def quip_pipeline(cfg: QuIPConfig = QuIPConfig(), *, backend: Backend | str = Ba
         # held-out MiniLM sentences weight-only 1−cos 6.9e-5 → 5.5e-5). Without data: per-row clipping
         # chosen by weight MSE (beats absmax RTN under W8A8: 3.12e-4 → 2.82e-4). See the README table.
         stages = [check_finite]
-        if cfg.hessian_shrink > 0:
+        if cfg.hessian_shrink != 0:
             stages.append(stage(shrink_hessian, HessianShrinkConfig(cfg.hessian_shrink), name="shrink_hessian"))
         stages += upstream
         stages += [stage(convrot, ConvRotConfig(cfg.convrot_groupsize), name="convrot"), scale_stage]
