@@ -242,7 +242,8 @@ def main(argv=None) -> int:
         names = []
         for name in args.only.split(","):
             if name in PEER_FLAGS and not args.peer_python:
-                print(f"({name}: no --peer-python and no {DEFAULT_PEER_PYTHON}, skipped)")
+                print(f"({name}: no peer interpreter (--peer-python, or {DEFAULT_PEER_PYTHON} when it exists), "
+                      "skipped)")
                 continue
             names.append(name)
         # Interleaved: round r runs every converter once, so a change of load on the shared machine
