@@ -329,13 +329,30 @@ def _call(module: torch.nn.Module, item: Any, forward) -> None:
         module(item)
 
 
+def _mask_rows(x2: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # Padding positions of a batch are computed but never used: keep them out of the statistics.
+    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+        return x2[mask.reshape(-1).to(device=x2.device, dtype=torch.bool)]
+    return x2
+
+
+def _item_mask(item: Any, token_mask: str | None, where: str) -> torch.Tensor | None:
+    if token_mask is None:
+        return None
+    if not isinstance(item, Mapping) or token_mask not in item:
+        raise InputError(f"{where}: token_mask={token_mask!r} but an input has no such entry "
+                         f"(got {type(item).__name__}); pass mappings such as tokenizer batches")
+    return torch.as_tensor(item[token_mask]).bool()
+
+
 def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
             forward: Callable[[torch.nn.Module, Any], Any] | None = None,
             layers: Iterable[str] | Callable[[str, torch.nn.Module], bool] | None = None,
             name_map: str | Callable[[str], str | None] | None = None,
             max_tokens: int | None = None, device: torch.device | str = "cpu",
             matmul_dtype: torch.dtype = torch.float64,
-            w8a8: Iterable[int | str | None] | None = None) -> dict[str, HessianStats]:
+            w8a8: Iterable[int | str | None] | None = None,
+            token_mask: str | None = None) -> dict[str, HessianStats]:
     """Run ``inputs`` through ``module`` and return per-layer Hessians and input statistics.
 
     Args:
@@ -354,6 +371,9 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
         device: where the accumulators live (one float64 ``[K, K]`` per layer; the products are
             computed on the inputs' device).
         matmul_dtype: dtype of the chunked ``xᵀx`` products (float64 default; see :func:`hessian_update`).
+        token_mask: for mapping items (tokenizer batches), the key of a ``[B, L]`` mask such as
+            ``"attention_mask"``: rows of a ``[B, L, K]`` layer input at masked-out (padding) positions are
+            left out of the statistics; inputs of other shapes (a pooler's ``[B, K]``) are taken whole.
         w8a8: bases in which to also gather :class:`ActivationStats` of ComfyUI's W8A8 activation path
             (for :func:`cq.transforms.w8a8_round.w8a8_round`): ``"auto"`` (the ConvRot basis the QuIP
             recipe uses), ``"none"`` (unrotated, for GPTQ) or ConvRot group sizes. Each basis adds two
@@ -384,6 +404,11 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
     for spec in w8a8_specs:
         w8a8_groupsize(64, spec)  # validates the spelling before any forward pass
 
+    if token_mask is not None and not isinstance(token_mask, str):
+        raise ConfigError(f"token_mask={token_mask!r} must be the name of a mask entry of the inputs "
+                          "(e.g. 'attention_mask') or None")
+    current: dict[str, Any] = {}
+
     def make_hook(key: str, k: int):
         groupsizes = sorted({g for g in (w8a8_groupsize(k, spec) for spec in w8a8_specs) if g is not None})
 
@@ -395,7 +420,7 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
             if st is None:
                 st = state[key] = {"acc": hessian_init(k, device=device), "count": 0,
                                    "act": {g: activation_init(k, g, device=device) for g in groupsizes}}
-            x2 = _rows(x, k, f"capture: layer {key!r}")
+            x2 = _mask_rows(_rows(x, k, f"capture: layer {key!r}"), x, current.get("mask"))
             if max_tokens is not None:
                 x2 = x2[: max(max_tokens - st["count"], 0)]
             if x2.shape[0]:
@@ -415,6 +440,7 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
             handles.append(mod.register_forward_pre_hook(make_hook(key, mod.in_features), with_kwargs=True))
         with torch.no_grad():
             for item in inputs:
+                current["mask"] = _item_mask(item, token_mask, "capture")
                 _call(module, item, forward)
                 if max_tokens is not None and len(state) == len(selected) and all(
                         s["count"] >= max_tokens for s in state.values()):

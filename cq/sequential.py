@@ -41,8 +41,8 @@ from typing import Any, Callable, Iterable, Mapping
 import attrs
 import torch
 
-from .calibrate import (CHUNK_TOKENS, HessianAcc, HessianStats, _accumulate_, _call, _key_fn, _rows, _select,
-                        hessian_finalize, hessian_init)
+from .calibrate import (CHUNK_TOKENS, HessianAcc, HessianStats, _accumulate_, _call, _item_mask, _key_fn, _mask_rows,
+                        _rows, _select, hessian_finalize, hessian_init)
 from .errors import ConfigError, InputError
 from .state import LayerState
 
@@ -71,13 +71,6 @@ def _quantizer(quantize) -> Callable[[LayerState], LayerState]:
         raise ConfigError(f"quantize={quantize!r} must be a recipe record (e.g. cq.recipes.QuIP()), a Pipeline or a "
                           "callable(LayerState) -> LayerState") from None
     return recipe_pipeline(quantize)
-
-
-def _mask_rows(x2: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    # Padding positions of a batch are computed but never used: keep them out of the statistics.
-    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-        return x2[mask.reshape(-1).to(device=x2.device, dtype=torch.bool)]
-    return x2
 
 
 @contextlib.contextmanager
@@ -185,12 +178,7 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
                  for n in names}
         count = dict.fromkeys(names, 0)
         for item in items:
-            mask = None
-            if token_mask is not None:
-                if not isinstance(item, Mapping) or token_mask not in item:
-                    raise InputError(f"capture_sequential: token_mask={token_mask!r} but an input has no such entry "
-                                     f"(got {type(item).__name__}); pass mappings such as tokenizer batches")
-                mask = torch.as_tensor(item[token_mask]).bool()
+            mask = _item_mask(item, token_mask, "capture_sequential")
             rows = {}
             for side in ("float", "quantized"):
                 got = {n: [] for n in names}

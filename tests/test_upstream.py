@@ -291,3 +291,17 @@ def test_upstream_strength_is_an_option_of_gptq_and_quip_only():
     assert cfg.recipe.quip.upstream_strength == 0.0
     with pytest.raises(ConfigError, match="upstream_strength"):
         build_config(dict(input_file="a.safetensors", output_file="b.safetensors", upstream_strength=0.5))
+
+
+def test_plain_capture_leaves_padding_out_too():
+    torch.manual_seed(3)
+    model = Attn().eval()
+    items = _items(3, seed=5)
+    masked = capture(model, items, token_mask="attention_mask")
+    by_hand = capture(model, [{"x": it["x"][it["attention_mask"].bool()]} for it in items])
+    for name in ("q", "v"):
+        assert masked[name].samples == by_hand[name].samples == 3 * 8
+        torch.testing.assert_close(masked[name].hessian, by_hand[name].hessian, rtol=1e-6, atol=1e-6)
+    assert capture(model, items)["q"].samples == 3 * 10  # without the mask every position counts
+    with pytest.raises(InputError, match="token_mask"):
+        capture(model, [(torch.randn(2, 5, 8),)], token_mask="attention_mask")
