@@ -204,7 +204,7 @@ def run_minilm(recipes, *, calib_n=None, swap=False, extra_calib=0):
     batches = [tokenizer(calib[i:i + 16], padding=True, truncation=True, return_tensors="pt")
                for i in range(0, len(calib), 16)]
     t0 = time.perf_counter()
-    stats = capture(model, batches, w8a8=("none", "auto"))
+    stats = capture(model, batches, w8a8=("none", "auto"), token_mask="attention_mask")
     cap_s = time.perf_counter() - t0
     ref = M.embed(model, tokenizer, M.HELDOUT_SENTENCES)
     linears = M._linears(model)

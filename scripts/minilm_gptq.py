@@ -234,7 +234,7 @@ def run(*, methods=("rtn", "gptq", "gptq_actorder", "ldlq", "convrot_rtn", "quip
     t0 = time.perf_counter()
     batches = [tokenizer(calibration[i:i + batch_size], padding=True, truncation=True, return_tensors="pt")
                for i in range(0, len(calibration), batch_size)]
-    hessians = capture(model, batches)
+    hessians = capture(model, batches, token_mask="attention_mask")
     capture_s = time.perf_counter() - t0
     reference = embed(model, tokenizer, heldout)
     rows = []

@@ -11,8 +11,8 @@ Measured on held-out MiniLM sentences (benchmarks/bench_quality.py): ConvRot + L
 How much to shrink depends on how many tokens stand behind ``H``: ``beta="auto"`` (the default) takes
 ``β = min(0.3, 0.7·K/T)`` with ``T`` from the attached calibration statistics (0.3 when unknown).
 Measured on MiniLM: with 64 sentences (891 tokens, K/T ≥ 0.43) that is 0.3 everywhere; with 256
-sentences (~3500 tokens) a fixed 0.3 is *worse* than no shrinkage (weight-only 5.11e-5 against 4.89e-5)
-while ``"auto"`` gives 4.57e-5. Large calibration sets (T ≫ K, as in diffusion models) get β → 0, the
+sentences (~3500 tokens) a fixed 0.3 is *worse* than no shrinkage (weight-only 5.11e-5 against 4.89e-5,
+padded capture) while ``"auto"`` gives 4.57e-5 (no shrinkage 4.71e-5 on the masked capture). Large calibration sets (T ≫ K, as in diffusion models) get β → 0, the
 published algorithms.
 
 Apply it to the original-basis Hessian, before any rotation: after ConvRot the diagonal is nearly
