@@ -15,20 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
-
-
-def best(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from timing import best_of  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,22 +37,22 @@ def main(argv=None) -> int:
     w = (torch.randn(a.dim, a.dim, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     mb = w.numel() * 2 / 2**20
     rows = []
-    t_cq = best(lambda: fp8_pipeline()(LayerState.from_weight("fc", w)), a.repeat)
+    t_cq = best_of(lambda: fp8_pipeline()(LayerState.from_weight("fc", w)), a.repeat)
     rows.append(("quantize", "cq fp8_pipeline", t_cq))
     try:
         from comfy_kitchen.tensor import get_layout_class
 
         layout = get_layout_class("TensorCoreFP8Layout")
-        t_ck = best(lambda: layout.quantize(w), a.repeat)
+        t_ck = best_of(lambda: layout.quantize(w), a.repeat)
         rows.append(("quantize", "comfy-kitchen TensorCoreFP8Layout.quantize", t_ck))
     except ImportError:
         t_ck = None
-    rows.append(("quantize", "cq int8 per-row RTN (rtn_pipeline)", best(lambda: rtn_pipeline()(LayerState.from_weight("fc", w)), a.repeat)))
+    rows.append(("quantize", "cq int8 per-row RTN (rtn_pipeline)", best_of(lambda: rtn_pipeline()(LayerState.from_weight("fc", w)), a.repeat)))
     st = fp8_pipeline()(LayerState.from_weight("fc", w))
     view = DictView(fp8_layer_tensors(st))
     layer = find_stored_layers(view)["fc.weight"]
-    t_dec = best(lambda: decode_stored(view, layer), a.repeat)
-    t_raw = best(lambda: st.codes.float() * st.scale, a.repeat)
+    t_dec = best_of(lambda: decode_stored(view, layer), a.repeat)
+    t_raw = best_of(lambda: st.codes.float() * st.scale, a.repeat)
     rows += [("decode", "cq decode_stored", t_dec), ("decode", "codes.float() * scale", t_raw)]
     base = {"quantize": t_ck or t_cq, "decode": t_raw}
     print(f"{a.dim}×{a.dim} bf16 weight ({mb:.0f} MiB), {torch.get_num_threads()} thread(s), best of {a.repeat}\n")

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
+from timing import best_of
 
 from cq.transforms.convrot import ConvRot
 from cq.transforms.hadamard import hadamard_matrix, hadamard_transform, orthogonal_transform, transform_plan
@@ -40,16 +40,6 @@ def butterfly(x: torch.Tensor) -> torch.Tensor:
         y = torch.stack([a + b, a - b], dim=2)
         h *= 2
     return y.reshape(x.shape) / math.sqrt(n)
-
-
-def best_of(fn, repeat: int) -> float:
-    fn()  # warm-up (thread pool, allocator)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main(argv=None) -> None:

@@ -342,6 +342,19 @@ def _db(rel):
     return float("nan") if not rel == rel else (math.inf if rel == 0 else -20 * math.log10(rel))
 
 
+def _gap_closed(rows):
+    """``row -> "+x %"``: the share of the W8A8 gap between ``quip`` and the ConvRot floor a row closes."""
+    floor = next(r["w8a8"] for r in rows if r["recipe"] == "floor (ConvRot)")
+    quip = next((r["w8a8"] for r in rows if r["recipe"] == "quip"), None)
+
+    def closed(r):
+        if quip is None or r["recipe"].startswith("floor"):
+            return ""
+        return f"{(quip - r['w8a8']) / (quip - floor) * 100:+.0f} %"
+
+    return closed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("minilm", "dit"), default=None)
@@ -364,26 +377,22 @@ def main(argv=None) -> int:
         res = run_minilm(recipes, swap=args.swap, calib_n=args.calib_n, extra_calib=args.extra_calib)
         print(f"\nMiniLM-L6: {res['layers']} Linears, calibrated on {res['calib']} sentences (capture with W8A8 "
               f"statistics {res['capture_s']:.1f} s), mean 1 − cos on held-out sentences\n")
-        floor = next(r["w8a8"] for r in res["rows"] if r["recipe"] == "floor (ConvRot)")
-        quip = next((r["w8a8"] for r in res["rows"] if r["recipe"] == "quip"), None)
+        closed_of = _gap_closed(res["rows"])
         print("| recipe | W8 1−cos | W8A8 1−cos | W8A8 gap to ConvRot floor closed vs quip | s/layer |")
         print("|---|---|---|---|---|")
         for r in res["rows"]:
-            closed = ("" if quip is None or r["recipe"].startswith("floor") else
-                      f"{(quip - r['w8a8']) / (quip - floor) * 100:+.0f} %")
+            closed = closed_of(r)
             w8 = "—" if r["w8"] != r["w8"] else f"{r['w8']:.3e}"
             print(f"| {r['recipe']} | {w8} | {r['w8a8']:.3e} | {closed} | {r['s_layer']:.3f} |")
     if args.only in (None, "dit"):
         res = run_dit(recipes, tokens=args.tokens)
         print(f"\nDiT-like: {res['layers']} outlier layers, {res['tokens']} calibration + {res['tokens']} held-out "
               "tokens each; medians over layers\n")
-        floor = next(r["w8a8"] for r in res["rows"] if r["recipe"] == "floor (ConvRot)")
-        quip = next((r["w8a8"] for r in res["rows"] if r["recipe"] == "quip"), None)
+        closed_of = _gap_closed(res["rows"])
         print("| recipe | W8 SQNR dB | W8A8 SQNR dB | W8A8 err / RTN | gap closed vs quip | s/layer |")
         print("|---|---|---|---|---|---|")
         for r in res["rows"]:
-            closed = ("" if quip is None or r["recipe"].startswith("floor") else
-                      f"{(quip - r['w8a8']) / (quip - floor) * 100:+.0f} %")
+            closed = closed_of(r)
             w8 = "—" if r["w8"] != r["w8"] else f"{_db(r['w8']):.2f}"
             print(f"| {r['recipe']} | {w8} | {_db(r['w8a8']):.2f} | {r['vs_rtn']:.3f} | {closed} | {r['s_layer']:.3f} |")
     return 0

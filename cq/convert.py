@@ -38,7 +38,7 @@ from .config import ConvertConfig, granularity_for, resolve_device
 from .errors import ConfigError
 from .model import LoaderView, ModelEdits, ModelTransform, ModelView, run_model_transforms
 from .pipeline import Pipeline, pipeline, stage
-from .recipes import FP8, FP16, GPTQ, QuIP, Recipe, measure_stage, recipe_info, recipe_pipeline, with_granularity
+from .recipes import FP8, FP16, Recipe, measure_stage, recipe_info, recipe_pipeline, with_granularity
 from .report import ConversionReport, LayerReport
 from .state import LayerState, PerBlock
 from .transforms.attach import LayerData, attach_data
@@ -212,10 +212,10 @@ def _run_stages(plan: LayerPlan, cfg: ConvertConfig, data: LayerData | None, bod
     if data is not None and data.hessian is not None:  # judged before use: non-finite, zero, negative- or indefinite
         from .transforms.hessian_check import HessianCheckConfig, check_hessian
 
-        # GPTQ/LDLQ (the GPTQ and QuIP recipes) factor the Hessian anyway and judge it themselves when
-        # that fails (round-to-nearest and a warning): skip the check's own factorization there (~0.3 s
-        # a layer at K = 4096). Strict runs and every other consumer keep the full test.
-        solver_judges = isinstance(plan.recipe, (GPTQ, QuIP)) and not cfg.strict_hessian
+        # A recipe whose solver factors the Hessian anyway (RecipeInfo.judges_hessian: GPTQ/LDLQ) lets
+        # the check skip its own factorization (~0.3 s a layer at K = 4096); strict runs keep it.
+        solver_judges = (not isinstance(plan.recipe, Pipeline) and recipe_info(plan.recipe).judges_hessian
+                         and not cfg.strict_hessian)
         stages.append(stage(check_hessian, HessianCheckConfig(strict=cfg.strict_hessian, definite=not solver_judges)))
     stages += body.stages
     if cfg.bias_correction and not isinstance(plan.recipe, (FP16, FP8)):

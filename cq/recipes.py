@@ -34,6 +34,8 @@ from .pipeline import Pipeline, pipeline, stage
 from .state import Granularity, LayerState, PerBlock, PerGroup, PerRow, PerTensor
 from .transforms import (GPTQConfig, MetricsConfig, QuIPConfig, RoundConfig, ScaleConfig, absmax_scale, check_finite,
                          check_linear, fp16_cast, gptq_update, measure, round_to_nearest)
+from .transforms.hessian_shrink import HessianShrinkConfig, shrink_hessian, shrink_validator
+from .transforms.upstream import UpstreamConfig, strength_validator, upstream_correct
 
 __all__ = ["RTN", "GPTQ", "QuIP", "LearnedRound", "FP16", "FP8", "Recipe", "RecipeInfo", "register_recipe", "recipe_pipeline",
            "recipe_info", "recipe_label", "registered_recipes", "with_granularity", "rtn_pipeline", "gptq_pipeline", "fp16_pipeline",
@@ -64,20 +66,8 @@ class GPTQ:
 
     granularity: Granularity = attrs.field(default=PerRow(), validator=_granularity)
     gptq: GPTQConfig = attrs.field(factory=GPTQConfig, validator=attrs.validators.instance_of(GPTQConfig))
-    hessian_shrink: float | str = attrs.field(default="auto")
-    upstream_strength: float = attrs.field(default=0.5)
-
-    @upstream_strength.validator
-    def _upstream(self, attribute, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ConfigError(f"GPTQ.upstream_strength={value!r} must be a number in [0, 1] (0: off)")
-
-    @hessian_shrink.validator
-    def _shrink(self, attribute, value):
-        if value == "auto":
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ConfigError(f"GPTQ.hessian_shrink={value!r} must be 'auto' or a number in [0, 1] (0: GPTQ as published)")
+    hessian_shrink: float | str = attrs.field(default="auto", validator=shrink_validator)
+    upstream_strength: float = attrs.field(default=0.5, validator=strength_validator)
 
 
 @attrs.frozen
@@ -131,6 +121,9 @@ class RecipeInfo:
     ``uses_hessian``: the runner attaches the layer's calibration (or synthetic) Hessian before the
     pipeline. ``quantized``: the layer counts as quantized in the report (fp16 does not).
     ``granularity``: the recipe record has a ``granularity`` field that per-layer overrides may set.
+    ``judges_hessian``: the pipeline's solver factors the Hessian itself and falls back to
+    round-to-nearest with a note when that fails (GPTQ/LDLQ), so the runner's check can skip its own
+    factorization.
     """
 
     build: Callable[..., Pipeline]
@@ -139,24 +132,27 @@ class RecipeInfo:
     #: ``measure(probe_state, tokens, seed, *, backend, full_precision_matrix_mult) -> Stage`` for
     #: formats whose runtime path is not ComfyUI's int8 W8A8 (``None``: :func:`measure_stage`).
     measure: Callable[..., Any] | None = None
+    judges_hessian: bool = False
 
 
 _REGISTRY: dict[type, RecipeInfo] = {}
 
 
 def register_recipe(recipe_type: type, *, uses_hessian: bool = False, quantized: bool = True,
-                    measure: Callable[..., Any] | None = None):
+                    measure: Callable[..., Any] | None = None, judges_hessian: bool = False):
     """Decorator: register ``build(recipe, *, backend) -> Pipeline`` for records of ``recipe_type``.
 
     ``uses_hessian``: the runner attaches calibration data first; ``quantized=False``: the layer is
     not counted as quantized (fp16); ``measure``: the metrics stage builder when the format's runtime
-    path is not int8 W8A8. Registering a type again replaces its handler.
+    path is not int8 W8A8; ``judges_hessian``: see :class:`RecipeInfo`. Registering a type again replaces
+    its handler.
     """
     if not isinstance(recipe_type, type):
         raise ConfigError(f"register_recipe needs a class (the recipe's config type), got {recipe_type!r}")
 
     def decorate(build: Callable[..., Pipeline]) -> Callable[..., Pipeline]:
-        _REGISTRY[recipe_type] = RecipeInfo(build, uses_hessian=uses_hessian, quantized=quantized, measure=measure)
+        _REGISTRY[recipe_type] = RecipeInfo(build, uses_hessian=uses_hessian, quantized=quantized, measure=measure,
+                                            judges_hessian=judges_hessian)
         return build
 
     return decorate
@@ -265,12 +261,8 @@ def gptq_pipeline(*, granularity: Granularity = PerRow(), gptq: GPTQConfig = GPT
     """
     stages = [stage(check_linear), stage(check_finite)]
     if hessian_shrink != 0:
-        from .transforms.hessian_shrink import HessianShrinkConfig, shrink_hessian
-
         stages.append(stage(shrink_hessian, HessianShrinkConfig(hessian_shrink)))
     if upstream_strength > 0:
-        from .transforms.upstream import UpstreamConfig, upstream_correct
-
         stages.append(stage(upstream_correct, UpstreamConfig(strength=upstream_strength)))
     stages += [stage(absmax_scale, ScaleConfig(granularity)), stage(gptq_update, gptq)]
     if metrics_x is not None:
@@ -294,13 +286,13 @@ def _rtn(recipe: RTN, *, backend: Backend) -> Pipeline:
     return rtn_pipeline(recipe.granularity, backend=backend)
 
 
-@register_recipe(GPTQ, uses_hessian=True)
+@register_recipe(GPTQ, uses_hessian=True, judges_hessian=True)
 def _gptq(recipe: GPTQ, *, backend: Backend) -> Pipeline:
     return gptq_pipeline(granularity=recipe.granularity, gptq=attrs.evolve(recipe.gptq, backend=backend),
                          hessian_shrink=recipe.hessian_shrink, upstream_strength=recipe.upstream_strength)
 
 
-@register_recipe(QuIP, uses_hessian=True)
+@register_recipe(QuIP, uses_hessian=True, judges_hessian=True)
 def _quip(recipe: QuIP, *, backend: Backend) -> Pipeline:
     from .transforms.quip import quip_pipeline
 

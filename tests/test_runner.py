@@ -379,3 +379,17 @@ def test_report_output_errors_of_big_layers_are_importance_sampled_and_close_to_
         assert abs(est[k] / full[k] - 1) < 0.10, (k, est[k], full[k])
     small = recipe_pipeline(RTN())(LayerState.from_weight("fc", w[:1024].to(torch.bfloat16)))
     assert "output_rows" not in measure(small, cfg=MetricsConfig(x=x, sample_rows=REPORT_SAMPLE_ROWS)).metrics
+
+
+@pytest.mark.parametrize("recipe, strict, definite", [(GPTQ(), False, False), (QuIP(), False, False),
+                                                      (GPTQ(), True, True), (RTN(), False, True)])
+def test_the_hessian_check_leaves_the_factorization_to_recipes_that_judge_it(recipe, strict, definite):
+    # GPTQ/LDLQ factor the Hessian and fall back themselves (RecipeInfo.judges_hessian); strict runs and
+    # every other consumer keep the check's own definiteness test.
+    from cq.convert import layer_pipeline
+    from cq.transforms.attach import LayerData
+
+    cfg = ConvertConfig(recipe=recipe, strict_hessian=strict)
+    plan = next(p for p in plan_model(DictView(make_model_tensors()), cfg) if p.action == "quantize")
+    pipe = layer_pipeline(plan, cfg, data=LayerData(torch.eye(4)))
+    assert pipe["check_hessian"].cfg.definite is definite

@@ -167,9 +167,10 @@ def test_sequential_statistics_equal_a_manual_run_of_the_partly_quantized_model(
     x, xq = torch.cat(xs), torch.cat(xqs)
     h, d = _stats(x, xq)
     assert float(d.abs().max()) > 0  # the quantized prefix changed o's inputs
-    # float64 sums of the same float32 rows, stored as float32 (rel. 2^-24 plus summation order)
-    torch.testing.assert_close(stats["o"].hessian.double(), h, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(stats["o"].upstream.double(), d, rtol=1e-5, atol=1e-6)
+    # float64 sums of bit-identical float32 rows (only the summation order differs, ~1e-16 relative),
+    # stored as float32: at most half an ulp, 2^-24 relative
+    torch.testing.assert_close(stats["o"].hessian.double(), h, rtol=2 ** -23, atol=1e-12)
+    torch.testing.assert_close(stats["o"].upstream.double(), d, rtol=2 ** -23, atol=1e-12)
 
 
 def test_capture_sequential_refuses_what_it_cannot_use():
@@ -216,7 +217,7 @@ def test_the_correction_lowers_the_whole_model_error_on_held_out_inputs():
             ref = model(held)
             return float((q(held) - ref).norm() / ref.norm())
 
-    assert error(0.5) < 0.97 * error(0.0)
+    assert error(0.5) < 0.97 * error(0.0)  # measured 0.85: a margin, not a knife edge
 
 
 # -- the file and the runner -------------------------------------------------------------------------

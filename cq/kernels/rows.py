@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["RowQuant", "quantize_rows_ref", "row_metrics", "ROW_DTYPES"]
+__all__ = ["RowQuant", "quantize_rows_ref", "row_metrics", "sqnr_from_sums", "ROW_DTYPES"]
 
 QMAX = 127
 SCALE_FLOOR = 1e-30
@@ -35,6 +35,23 @@ class RowQuant(NamedTuple):
     sq_w: torch.Tensor  # float64 [N]: Σ w² per row
     sq_err: torch.Tensor  # float64 [N]: Σ (w − ŵ)² per row
     max_err: torch.Tensor  # float64 [N]: max |w − ŵ| per row
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """``10·log10(signal / noise)`` in dB from the two sums of squares: ``inf`` when the noise is 0,
+    ``-inf`` when only the signal is (the one definition every SQNR in cq uses).
+
+    Example:
+        >>> sqnr_from_sums(25.0, 0.0025), sqnr_from_sums(1.0, 0.0)
+        (40.0, inf)
+    """
+    import math
+
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
 
 
 def quantize_rows_ref(w: torch.Tensor) -> RowQuant:
@@ -74,15 +91,8 @@ def row_metrics(r: RowQuant, numel: int) -> dict[str, float]:
         >>> row_metrics(quantize_rows_ref(torch.tensor([[3.0, 4.0]])), 2)["max_error"] < 0.02
         True
     """
-    import math
-
     noise = float(r.sq_err.sum())
     signal = float(r.sq_w.sum())
-    if noise == 0.0:
-        sq = math.inf
-    elif signal == 0.0:
-        sq = -math.inf
-    else:
-        sq = 10.0 * math.log10(signal / noise)
+    sq = sqnr_from_sums(signal, noise)
     worst = float(r.max_err.max()) if r.max_err.numel() else 0.0
     return {"mse": noise / numel if numel else 0.0, "sqnr_db": sq, "max_error": worst}

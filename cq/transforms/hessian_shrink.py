@@ -56,6 +56,14 @@ def _beta(instance, attribute, value):
                           "e.g. 0.3")
 
 
+def shrink_validator(instance, attribute, value):
+    """attrs validator for a record field holding a shrinkage (``"auto"`` or a number in [0, 1])."""
+    try:
+        HessianShrinkConfig(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{type(instance).__name__}.{attribute.name}: {exc}") from None
+
+
 @attrs.frozen
 class HessianShrinkConfig:
     """``beta``: weight of the diagonal in ``(1 − β)·H + β·diag(H)``, or ``"auto"`` (:func:`auto_beta`).

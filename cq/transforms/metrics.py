@@ -15,6 +15,7 @@ import torch
 
 from ..kernels import Backend, int8_linear, select
 from ..kernels.reference import _int_mm
+from ..kernels.rows import sqnr_from_sums
 from ..state import LayerState, PerRow, PerTensor, record
 from .hessian import one_thread
 from .rounding import reconstruct, working_dequantized
@@ -43,13 +44,7 @@ def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
         >>> round(sqnr_db(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.05])), 2)
         40.0
     """
-    signal = float((_f64(w) ** 2).sum())
-    noise = float(((_f64(w) - _f64(w_hat)) ** 2).sum())
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return sqnr_from_sums(float((_f64(w) ** 2).sum()), float(((_f64(w) - _f64(w_hat)) ** 2).sum()))
 
 
 def _sq(t: torch.Tensor) -> float:
@@ -81,13 +76,7 @@ def weight_metrics(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
 
 def _weight_metrics(w: torch.Tensor, e: torch.Tensor) -> dict[str, float]:
     noise = _sq(e)
-    signal = _sq(w.detach().to(e.dtype))
-    if noise == 0.0:
-        sq = math.inf
-    elif signal == 0.0:
-        sq = -math.inf
-    else:
-        sq = 10.0 * math.log10(signal / noise)
+    sq = sqnr_from_sums(_sq(w.detach().to(e.dtype)), noise)
     lo, hi = torch.aminmax(e)
     return {"mse": noise / w.numel(), "sqnr_db": sq, "max_error": max(-float(lo), float(hi))}
 

@@ -43,8 +43,8 @@ from .hessian import DampingConfig, feedback_round, quadratic_forms
 from .incoherence import Incoherence, IncoherenceConfig, incoherence, undo_incoherence
 from .ldlq import LDLQConfig, ldlq, ldlq_solve
 from .rounding import RoundConfig, round_to_nearest, working_dequantized
-from .hessian_shrink import HessianShrinkConfig, shrink_hessian
-from .upstream import UpstreamConfig, upstream_correct
+from .hessian_shrink import HessianShrinkConfig, shrink_hessian, shrink_validator
+from .upstream import UpstreamConfig, strength_validator, upstream_correct
 from .scale_search import ScaleSearchConfig, scale_search
 from .scales import ScaleConfig, absmax_scale
 
@@ -88,15 +88,6 @@ def _output(instance, attribute, value):
     if value is not None and value not in _OUTPUTS:
         raise ConfigError(f"output={value!r} must be one of {list(_OUTPUTS)} (or None: 'transformed' when "
                           "store_transformed=True, else 'convrot')")
-
-
-def _shrink(instance, attribute, value):
-    if value == "auto" and attribute.name == "hessian_shrink":
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{attribute.name}={value!r} must be a number in [0, 1]"
-                          + (" or 'auto' (0: the raw Hessian; 'auto': cq's default)" if attribute.name == "hessian_shrink"
-                             else " (0: off)"))
 
 
 def _groupsize(instance, attribute, value):
@@ -151,8 +142,8 @@ class QuIPConfig:
     rescale: bool = attrs.field(default=True, validator=_bool)
     permute: bool = attrs.field(default=True, validator=_bool)
     lazy_batch: bool = attrs.field(default=True, validator=_bool)
-    hessian_shrink: float | str = attrs.field(default="auto", validator=_shrink)
-    upstream_strength: float = attrs.field(default=0.5, validator=_shrink)
+    hessian_shrink: float | str = attrs.field(default="auto", validator=shrink_validator)
+    upstream_strength: float = attrs.field(default=0.5, validator=strength_validator)
     data_free_scale_search: bool = attrs.field(default=True, validator=_bool)
 
     def __attrs_post_init__(self):

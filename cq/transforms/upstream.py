@@ -50,6 +50,14 @@ def _ridge(instance, attribute, value):
         raise ConfigError(f"ridge={value!r} must be a finite number ≥ 0 (a multiple of mean(diag H)), e.g. 0.1")
 
 
+def strength_validator(instance, attribute, value):
+    """attrs validator for a record field holding an upstream-correction strength (a number in [0, 1])."""
+    try:
+        UpstreamConfig(strength=value)
+    except ConfigError as exc:
+        raise ConfigError(f"{type(instance).__name__}.{attribute.name}: {exc}") from None
+
+
 @attrs.frozen
 class UpstreamConfig:
     """``strength``: fraction of the least-squares step taken (0: off, 1: the full GPTAQ target);
