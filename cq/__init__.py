@@ -61,3 +61,5 @@ __all__ = [
     # errors
     "CqError", "ConfigError", "InputError", "NonFiniteWeightError", "UnsupportedBackendError",
 ]
+
+_startup.release()  # last: a Ctrl-C held while torch imported is raised here, in Python
