@@ -187,7 +187,7 @@ def _groupsize_rot(k):
 # ---------------------------------------------------------------------------------------------- MiniLM
 
 
-def run_minilm(recipes, *, calib_n=None, swap=False, extra_calib=0):
+def run_minilm(recipes, *, calib_n=None, swap=False, extra_calib=0, extra_heldout=0):
     import minilm_gptq as M
 
     if swap:  # calibrate on the 32 held-out sentences, judge on the 64 calibration ones
@@ -201,16 +201,27 @@ def run_minilm(recipes, *, calib_n=None, swap=False, extra_calib=0):
         from minilm_extra_sentences import EXTRA_SENTENCES
 
         calib = list(calib) + EXTRA_SENTENCES[:extra_calib]
+    heldout = list(M.HELDOUT_SENTENCES)
+    if extra_heldout:
+        from minilm_extra_sentences import EXTRA_SENTENCES
+
+        if swap:
+            raise SystemExit("--extra-heldout adds judging sentences; it cannot be combined with --swap")
+        if extra_calib + extra_heldout > len(EXTRA_SENTENCES):
+            raise SystemExit(f"--extra-calib {extra_calib} + --extra-heldout {extra_heldout} would share sentences: "
+                             f"there are {len(EXTRA_SENTENCES)} extra sentences; keep the sum at most that")
+        # the *last* N, so calibration (the first ones) and judging never share a sentence
+        heldout += EXTRA_SENTENCES[len(EXTRA_SENTENCES) - extra_heldout:]
     batches = [tokenizer(calib[i:i + 16], padding=True, truncation=True, return_tensors="pt")
                for i in range(0, len(calib), 16)]
     t0 = time.perf_counter()
     stats = capture(model, batches, w8a8=("none", "auto"), token_mask="attention_mask")
     cap_s = time.perf_counter() - t0
-    ref = M.embed(model, tokenizer, M.HELDOUT_SENTENCES)
+    ref = M.embed(model, tokenizer, heldout)
     linears = M._linears(model)
 
     def one_minus_cos(qm):
-        return float(1 - (M.embed(qm, tokenizer, M.HELDOUT_SENTENCES) * ref).sum(-1).mean())
+        return float(1 - (M.embed(qm, tokenizer, heldout) * ref).sum(-1).mean())
 
     def swap(builder):
         qm = copy.deepcopy(model)
@@ -248,7 +259,7 @@ def run_minilm(recipes, *, calib_n=None, swap=False, extra_calib=0):
             states = _states(RECIPES[name], linears, stats)
             secs = states.pop("_secs")
         rows.append(_minilm_row(name, states, secs, model, swap, one_minus_cos, M, linears))
-    return {"rows": rows, "capture_s": cap_s, "layers": len(linears), "calib": len(calib)}
+    return {"rows": rows, "capture_s": cap_s, "layers": len(linears), "calib": len(calib), "heldout": len(heldout)}
 
 
 def _states(fn, linears, stats):
@@ -365,6 +376,9 @@ def main(argv=None) -> int:
                     help="MiniLM: calibrate on only the first N calibration sentences (the data-size curve)")
     ap.add_argument("--extra-calib", type=int, default=0,
                     help="MiniLM: add the first N of scripts/minilm_extra_sentences.py to the calibration sentences")
+    ap.add_argument("--extra-heldout", type=int, default=0,
+                    help="MiniLM: judge also on the last N of scripts/minilm_extra_sentences.py (a steadier mean; "
+                         "never shared with --extra-calib)")
     ap.add_argument("--swap", action="store_true",
                     help="MiniLM: calibrate on the held-out sentences and judge on the calibration ones")
     args = ap.parse_args(argv)
@@ -374,9 +388,10 @@ def main(argv=None) -> int:
         ap.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
     torch.manual_seed(0)
     if args.only in (None, "minilm"):
-        res = run_minilm(recipes, swap=args.swap, calib_n=args.calib_n, extra_calib=args.extra_calib)
+        res = run_minilm(recipes, swap=args.swap, calib_n=args.calib_n, extra_calib=args.extra_calib,
+                         extra_heldout=args.extra_heldout)
         print(f"\nMiniLM-L6: {res['layers']} Linears, calibrated on {res['calib']} sentences (capture with W8A8 "
-              f"statistics {res['capture_s']:.1f} s), mean 1 − cos on held-out sentences\n")
+              f"statistics {res['capture_s']:.1f} s), mean 1 − cos on {res['heldout']} held-out sentences\n")
         closed_of = _gap_closed(res["rows"])
         print("| recipe | W8 1−cos | W8A8 1−cos | W8A8 gap to ConvRot floor closed vs quip | s/layer |")
         print("|---|---|---|---|---|")

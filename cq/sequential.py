@@ -16,7 +16,8 @@ Then it quantizes the group with those statistics and moves on. The result saves
 :func:`cq.io.calibration.save_calibration` like :func:`cq.calibrate.capture`'s; files with an
 ``upstream`` entry are used by ``--optimizer gptq`` and ``--optimizer quip`` automatically.
 
-Cost: two forward passes over the calibration inputs per group (``q``/``k``/``v`` count once) and
+Cost: two forward passes over the calibration inputs per group (``q``/``k``/``v`` count once), each
+stopped right after the group's last call (``early_exit``: the later layers' work is skipped), and
 the rounded weights of the layers done so far (up to one more copy of the Linear weights). The
 quantized passes run the user's own module with those weights swapped in for the pass and swapped
 back after it (also on error), so a ``forward`` that closes over the module still sees them. Pass the recipe you will convert with: the earlier
@@ -87,13 +88,24 @@ def _swapped(mods: Mapping[str, torch.nn.Module], weights: Mapping[str, torch.Te
             mods[n].weight.data = w
 
 
-def _order(ref: torch.nn.Module, selected, item, forward) -> list[list[str]]:
-    """Layer groups in first-call order; a group shares one input tensor (one forward pass to find out)."""
+class _Stop(BaseException):
+    # BaseException, not Exception: a user's forward that catches Exception must not swallow the early exit.
+    pass
+
+
+def _order(ref: torch.nn.Module, selected, item, forward) -> tuple[list[list[str]], list[str]]:
+    """Layer groups in first-call order (a group shares one input tensor), and every call in order.
+
+    One forward pass on ``item`` finds both; the call sequence tells each group's passes where they may
+    stop (:class:`_Early`).
+    """
     groups: list[_Group] = []
     seen: set[str] = set()
+    calls: list[str] = []
 
     def make(name):
         def hook(mod, args, kwargs):
+            calls.append(name)
             x = args[0] if args else kwargs.get("input")
             if name in seen or x is None:
                 return None
@@ -115,7 +127,37 @@ def _order(ref: torch.nn.Module, selected, item, forward) -> list[list[str]]:
     finally:
         for h in handles:
             h.remove()
-    return [g.names for g in groups]
+    return [g.names for g in groups], calls
+
+
+class _Early:
+    """Stops a pass at the first Linear call after the group's last one, while the calls match the plan.
+
+    The plan is the call sequence of the first input. A pass that calls the Linears in another order
+    (an input whose structure differs) stops following it and runs to the end, so no call of the group
+    is ever cut off on an input the plan does not describe.
+    """
+
+    def __init__(self, calls: list[str], names: list[str]):
+        last = max((i for i, n in enumerate(calls) if n in names), default=len(calls))
+        self.calls = calls
+        self.stop = last + 1 if last + 1 < len(calls) else None
+        self.at = 0
+        self.on_plan = True
+
+    def reset(self) -> None:
+        self.at, self.on_plan = 0, True
+
+    def hook(self, name):
+        def pre(mod, args, kwargs):
+            if self.on_plan:
+                if self.at >= len(self.calls) or self.calls[self.at] != name:
+                    self.on_plan = False
+                elif self.at == self.stop:
+                    raise _Stop
+            self.at += 1
+            return None
+        return pre
 
 
 def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quantize,
@@ -123,7 +165,7 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
                        layers: Iterable[str] | Callable[[str, torch.nn.Module], bool] | None = None,
                        name_map: str | Callable[[str], str | None] | None = None,
                        token_mask: str | None = None, max_tokens: int | None = None,
-                       matmul_dtype: torch.dtype = torch.float64) -> dict[str, HessianStats]:
+                       matmul_dtype: torch.dtype = torch.float64, early_exit: bool = True) -> dict[str, HessianStats]:
     """Per-layer statistics of the partly quantized model, with the upstream cross term (see the module doc).
 
     Args:
@@ -139,6 +181,9 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
         token_mask: for mapping items, the key of a ``[B, L]`` mask (e.g. ``"attention_mask"``): rows of
             a ``[B, L, K]`` layer input where the mask is 0 (padding) are left out. Inputs of other
             shapes (a pooler's ``[B, K]``) are taken whole.
+        early_exit: end each pass at the first Linear call after the group's last one (on average half
+            the forward work), following the call sequence of the first input; an input whose Linears
+            run in another order is run to the end. ``False`` runs every pass whole (same statistics).
 
     Returns:
         ``{weight_stem: HessianStats}`` with ``upstream`` set, for every selected layer that ran.
@@ -150,6 +195,8 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                    or max_tokens <= 0):
         raise ConfigError(f"max_tokens={max_tokens!r} must be a positive int or None")
+    if not isinstance(early_exit, bool):
+        raise ConfigError(f"early_exit={early_exit!r} must be True or False")
     if token_mask is not None and not isinstance(token_mask, str):
         raise ConfigError(f"token_mask={token_mask!r} must be the name of a mask entry of the inputs "
                           "(e.g. 'attention_mask') or None")
@@ -165,7 +212,7 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
     if len(set(keys)) != len(keys):
         raise ConfigError("capture_sequential: name_map gives several layers the same key; make it one-to-one")
     qweights: dict[str, torch.Tensor] = {}
-    groups = _order(ref, [(n, m) for n, _, m in selected], items[0], forward)
+    groups, calls = _order(ref, [(n, m) for n, _, m in selected], items[0], forward)
     key_by_name = {n: k for n, k, _ in selected}
     ref_by_name = {n: m for n, _, m in selected}
     never = [n for n, _, _ in selected if not any(n in g for g in groups)]
@@ -177,6 +224,9 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
         cross = {n: torch.zeros(ref_by_name[n].in_features, ref_by_name[n].in_features, dtype=torch.float64)
                  for n in names}
         count = dict.fromkeys(names, 0)
+        early = _Early(calls, names) if early_exit else None
+        if early is not None and early.stop is None:
+            early = None  # the group's layers run last: nothing to skip
         for item in items:
             mask = _item_mask(item, token_mask, "capture_sequential")
             rows = {}
@@ -193,9 +243,15 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
                     return hook
 
                 handles = [ref_by_name[n].register_forward_pre_hook(make(n), with_kwargs=True) for n in names]
+                if early is not None:
+                    early.reset()
+                    # registered after the capturing hooks: a stop never pre-empts a capture
+                    handles += [m.register_forward_pre_hook(early.hook(n), with_kwargs=True) for n, _, m in selected]
                 try:
                     with torch.no_grad(), _swapped(ref_by_name, qweights if side == "quantized" else {}):
                         _call(ref, item, forward)
+                except _Stop:
+                    pass
                 finally:
                     for h in handles:
                         h.remove()

@@ -306,3 +306,65 @@ def test_plain_capture_leaves_padding_out_too():
     assert capture(model, items)["q"].samples == 3 * 10  # without the mask every position counts
     with pytest.raises(InputError, match="token_mask"):
         capture(model, [(torch.randn(2, 5, 8),)], token_mask="attention_mask")
+
+
+class Loop(torch.nn.Module):
+    """Three Linears; an item's ``"reps"`` says how often the middle block runs (structure varies by input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+        self.c = torch.nn.Linear(8, 4)
+
+    def forward(self, x, reps=1):
+        h = torch.tanh(self.a(x))
+        for _ in range(int(reps)):
+            h = torch.tanh(self.b(h)) + h
+        return self.c(h)
+
+
+def _same_stats(s1, s2):
+    assert sorted(s1) == sorted(s2)
+    for k in s1:
+        assert s1[k].samples == s2[k].samples, k
+        assert torch.equal(s1[k].hessian, s2[k].hessian), k
+        assert torch.equal(s1[k].upstream, s2[k].upstream), k
+
+
+@pytest.mark.parametrize("reps", [(1, 1, 1), (1, 3, 2), (3, 1, 2)])
+def test_early_exit_gives_the_statistics_of_whole_passes(reps):
+    # The first item's call sequence plans the stops; items that call the Linears in another order
+    # (more or fewer repetitions of b) must still be captured whole, bit for bit.
+    torch.manual_seed(1)
+    model = Loop().eval()
+    g = torch.Generator().manual_seed(2)
+    items = [{"x": torch.randn(6, 8, generator=g), "reps": r} for r in reps]
+    fast = capture_sequential(model, items, quantize=GPTQ())
+    whole = capture_sequential(model, items, quantize=GPTQ(), early_exit=False)
+    _same_stats(fast, whole)
+    assert fast["b"].samples == 6 * sum(reps)
+
+
+def test_early_exit_skips_the_later_layers_and_survives_a_forward_that_catches_exceptions():
+    torch.manual_seed(3)
+    model = Loop().eval()
+    seen = []
+    model.c.register_forward_hook(lambda mod, args, out: seen.append(1))  # c actually ran
+
+    def forward(m, item):
+        try:
+            m(**item)
+        except Exception:  # a user's catch-all must not swallow the early exit
+            raise AssertionError("the early exit reached the user's except Exception")
+
+    items = [{"x": torch.randn(5, 8)} for _ in range(3)]
+    fast = capture_sequential(model, items, quantize=GPTQ(), forward=forward)
+    # plan pass + 2 passes × 3 items for c's own group; a's and b's groups stop before c
+    assert len(seen) == 1 + 2 * 3
+    seen.clear()
+    whole = capture_sequential(model, items, quantize=GPTQ(), forward=forward, early_exit=False)
+    assert len(seen) == 1 + 3 * 2 * 3
+    _same_stats(fast, whole)
+    with pytest.raises(ConfigError, match="early_exit"):
+        capture_sequential(model, items, quantize=GPTQ(), early_exit="yes")
