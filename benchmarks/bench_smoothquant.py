@@ -18,6 +18,8 @@ recipe's rotation) and folds the factors; the float model is unchanged (``fold e
 
     .venv/bin/python benchmarks/bench_smoothquant.py                 # hidden 256, 2 double + 2 single
     .venv/bin/python benchmarks/bench_smoothquant.py --hidden 128 --calib 4
+    .venv/bin/python benchmarks/bench_smoothquant.py --flux2   # Flux-2 layout: shared bias-free
+                                                               # modulations, SiLU-gated MLPs
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from cq.transforms.ldlq import LDLQConfig, ldlq  # noqa: E402
 from cq.transforms.rounding import working_dequantized  # noqa: E402
 from cq.transforms.smoothquant import SmoothQuantConfig, smoothquant  # noqa: E402
 
-_MOD = ("_mod.lin", "modulation.lin", "adaLN_modulation")
+_MOD = ("_mod.lin", "modulation.lin", "adaLN_modulation", "modulation_")
 
 
 def _hadamard(g, dtype=torch.float64):
@@ -84,11 +86,13 @@ def main(argv=None) -> None:
     ap.add_argument("--heldout", type=int, default=4)
     ap.add_argument("--groupsize", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flux2", action="store_true",
+                    help="the Flux-2 layout (shared modulations without bias, SiLU-gated MLPs, mlp_ratio 3)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     hd = args.hidden
     heads = max(1, hd // 64)
-    sd = ft.make_state_dict(hd, heads=heads, double=args.double, single=args.single, seed=args.seed)
+    sd = ft.make_state_dict(hd, heads=heads, double=args.double, single=args.single, seed=args.seed, flux2=args.flux2)
     calib = [ft.random_inputs(hd, seed=1000 + i, img_tokens=64, txt_tokens=16) for i in range(args.calib)]
     held = [ft.random_inputs(hd, seed=2000 + i, img_tokens=64, txt_tokens=16) for i in range(args.heldout)]
 
@@ -97,7 +101,7 @@ def main(argv=None) -> None:
 
     stats = fwd_stats(sd)
     rows = []
-    print(f"Flux-1-style DiT, hidden {hd}, {args.double} double + {args.single} single blocks, "
+    print(f"{'Flux-2' if args.flux2 else 'Flux-1'}-style DiT, hidden {hd}, {args.double} double + {args.single} single blocks, "
           f"{args.calib} calibration / {args.heldout} held-out inputs (64 image + 16 text tokens each)\n")
     print("| recipe | no smoothing | smoothquant | change | α search + fold (s) | fold error (float) |")
     print("|---|---|---|---|---|---|")

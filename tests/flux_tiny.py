@@ -1,5 +1,9 @@
 """A tiny Flux-1-style DiT as a pure function of its state dict (tests and benchmarks/bench_smoothquant.py).
 
+``flux2=True`` builds the Flux-2 layout instead (ComfyUI's ``image_model="flux2"``): shared
+``double_stream_modulation_img/txt`` and ``single_stream_modulation`` Linears, no biases, SiLU-gated
+MLPs (``silu(first half) · second half``: ``mlp.0`` has 2·M rows, ``linear1`` 3·H + 2·M).
+
 Same key names and data flow as ComfyUI's ``comfy/ldm/flux`` blocks: double blocks (``img_mod`` /
 ``txt_mod`` adaLN with chunks shift, scale, gate ×2; fused ``qkv`` split as ``[3, heads, head_dim]``;
 QK RMSNorm; joint attention over text+image tokens; ``proj``; ``mlp.0`` → GELU → ``mlp.2``), single
@@ -24,8 +28,10 @@ def plain_linear(name: str, x: torch.Tensor, sd: dict) -> torch.Tensor:
 
 
 def make_state_dict(hidden: int = 32, heads: int = 2, double: int = 1, single: int = 1, *, seed: int = 0,
-                    outliers: float = 8.0, dtype=torch.float64) -> dict[str, torch.Tensor]:
+                    outliers: float = 8.0, dtype=torch.float64, flux2: bool = False) -> dict[str, torch.Tensor]:
     """Random weights; a few adaLN ``scale``/``shift`` bias channels and V rows are large (activation outliers)."""
+    if flux2:
+        return _make_flux2(hidden, heads, double, single, seed=seed, outliers=outliers, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     h, mlp = hidden, 4 * hidden
 
@@ -68,6 +74,52 @@ def make_state_dict(hidden: int = 32, heads: int = 2, double: int = 1, single: i
     return sd
 
 
+def _make_flux2(hidden, heads, double, single, *, seed, outliers, dtype):
+    g = torch.Generator().manual_seed(seed)
+    h, mlp = hidden, 3 * hidden  # Flux-2: mlp_ratio 3, gated
+
+    def lin(name, n, k):
+        sd[f"{name}.weight"] = torch.randn(n, k, generator=g, dtype=dtype) / math.sqrt(k)
+
+    def big_rows(name, start, stop, count=2):
+        sd[f"{name}.weight"][start + torch.randperm(stop - start, generator=g)[:count]] *= outliers
+
+    sd: dict[str, torch.Tensor] = {}
+    lin("double_stream_modulation_img.lin", 6 * h, h)
+    lin("double_stream_modulation_txt.lin", 6 * h, h)
+    lin("single_stream_modulation.lin", 3 * h, h)
+    for name, chunks in (("double_stream_modulation_img.lin", 6), ("double_stream_modulation_txt.lin", 6),
+                         ("single_stream_modulation.lin", 3)):
+        big_rows(name, 0, h)  # shift outliers (from the weights: there is no bias)
+    for i in range(double):
+        p = f"double_blocks.{i}"
+        for st in ("img", "txt"):
+            lin(f"{p}.{st}_attn.qkv", 3 * h, h)
+            big_rows(f"{p}.{st}_attn.qkv", 2 * h, 3 * h)
+            sd[f"{p}.{st}_attn.norm.query_norm.scale"] = 1 + 0.1 * torch.randn(h // heads, generator=g, dtype=dtype)
+            sd[f"{p}.{st}_attn.norm.key_norm.scale"] = 1 + 0.1 * torch.randn(h // heads, generator=g, dtype=dtype)
+            lin(f"{p}.{st}_attn.proj", h, h)
+            lin(f"{p}.{st}_mlp.0", 2 * mlp, h)
+            big_rows(f"{p}.{st}_mlp.0", mlp, 2 * mlp, 3)  # value-half outliers: mlp.2's input channels
+            lin(f"{p}.{st}_mlp.2", h, mlp)
+    for i in range(single):
+        p = f"single_blocks.{i}"
+        lin(f"{p}.linear1", 3 * h + 2 * mlp, h)
+        big_rows(f"{p}.linear1", 2 * h, 3 * h)
+        big_rows(f"{p}.linear1", 3 * h + mlp, 3 * h + 2 * mlp, 3)
+        sd[f"{p}.norm.query_norm.scale"] = 1 + 0.1 * torch.randn(h // heads, generator=g, dtype=dtype)
+        sd[f"{p}.norm.key_norm.scale"] = 1 + 0.1 * torch.randn(h // heads, generator=g, dtype=dtype)
+        lin(f"{p}.linear2", h, h + mlp)
+    lin("final_layer.adaLN_modulation.1", 2 * h, h)
+    lin("final_layer.linear", 16, h)
+    return sd
+
+
+def _gated(y):
+    gate, value = y.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
 def _ln(x):
     return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
 
@@ -95,12 +147,18 @@ def forward(sd: dict, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, *
     h = img.shape[-1]
     lt = txt.shape[1]
     sv = F.silu(vec)
+    flux2 = "double_stream_modulation_img.lin.weight" in sd
+    act = _gated if flux2 else (lambda y: F.gelu(y, approximate="tanh"))
+    if flux2:  # computed once, shared by every block
+        shared = {st: linear(f"double_stream_modulation_{st}.lin", sv, sd)[:, None, :].chunk(6, dim=-1)
+                  for st in ("img", "txt")}
+        shared["single"] = linear("single_stream_modulation.lin", sv, sd)[:, None, :].chunk(3, dim=-1)
     i = 0
-    while f"double_blocks.{i}.img_mod.lin.weight" in sd:
+    while f"double_blocks.{i}.img_attn.qkv.weight" in sd:
         p = f"double_blocks.{i}"
         mods, qs, ks, vs = {}, [], [], []
         for st, x in (("txt", txt), ("img", img)):
-            m = linear(f"{p}.{st}_mod.lin", sv, sd)[:, None, :].chunk(6, dim=-1)
+            m = shared[st] if flux2 else linear(f"{p}.{st}_mod.lin", sv, sd)[:, None, :].chunk(6, dim=-1)
             mods[st] = m
             qkv = linear(f"{p}.{st}_attn.qkv", (1 + m[1]) * _ln(x) + m[0], sd)
             q, k, v = _split_qkv(qkv, heads)
@@ -114,19 +172,19 @@ def forward(sd: dict, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, *
             m = mods[st]
             x = x + m[2] * linear(f"{p}.{st}_attn.proj", outs[st], sd)
             y = linear(f"{p}.{st}_mlp.0", (1 + m[4]) * _ln(x) + m[3], sd)
-            new[st] = x + m[5] * linear(f"{p}.{st}_mlp.2", F.gelu(y, approximate="tanh"), sd)
+            new[st] = x + m[5] * linear(f"{p}.{st}_mlp.2", act(y), sd)
         txt, img = new["txt"], new["img"]
         i += 1
     x = torch.cat([txt, img], 1)
     i = 0
-    while f"single_blocks.{i}.modulation.lin.weight" in sd:
+    while f"single_blocks.{i}.linear1.weight" in sd:
         p = f"single_blocks.{i}"
-        m = linear(f"{p}.modulation.lin", sv, sd)[:, None, :].chunk(3, dim=-1)
+        m = shared["single"] if flux2 else linear(f"{p}.modulation.lin", sv, sd)[:, None, :].chunk(3, dim=-1)
         y = linear(f"{p}.linear1", (1 + m[1]) * _ln(x) + m[0], sd)
         qkv, mlp = torch.split(y, [3 * h, y.shape[-1] - 3 * h], dim=-1)
         q, k, v = _split_qkv(qkv, heads)
         attn = _attention(_rms(q, sd[f"{p}.norm.query_norm.scale"]), _rms(k, sd[f"{p}.norm.key_norm.scale"]), v)
-        x = x + m[2] * linear(f"{p}.linear2", torch.cat([attn, F.gelu(mlp, approximate="tanh")], -1), sd)
+        x = x + m[2] * linear(f"{p}.linear2", torch.cat([attn, act(mlp)], -1), sd)
         i += 1
     x = x[:, lt:]
     shift, scale = linear("final_layer.adaLN_modulation.1", sv, sd).chunk(2, dim=1)
@@ -165,7 +223,7 @@ def rotate(x: torch.Tensor, groupsize: int | None) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], -1, groupsize) @ r).reshape(x.shape)
 
 
-def w8a8_linear(skip: tuple[str, ...] = ("_mod.lin", "modulation.lin", "adaLN_modulation"), *,
+def w8a8_linear(skip: tuple[str, ...] = ("_mod.lin", "modulation.lin", "adaLN_modulation", "modulation_"), *,
                 weights: dict | None = None, groupsize: int | None = None, quantize_weights: bool = True) -> Linear:
     """ComfyUI's int8 forward: per-token int8 activations (after ConvRot when ``groupsize``) × int8 weights.
 

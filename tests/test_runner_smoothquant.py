@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -29,8 +30,9 @@ def _dequantized(path, src):
     return out
 
 
-def test_smoothquant_file_computes_the_original_model(tmp_path, caplog):
-    sd = make_state_dict(H, 2, double=1, single=1, seed=0)
+@pytest.mark.parametrize("flux2", [False, True], ids=["flux1", "flux2"])
+def test_smoothquant_file_computes_the_original_model(tmp_path, caplog, flux2):
+    sd = make_state_dict(H, 2, double=1, single=1, seed=0, flux2=flux2)
     model = tmp_path / "flux.safetensors"
     save_file({k: v.float().contiguous() for k, v in sd.items()}, str(model))
     calib = tmp_path / "calib.safetensors"
@@ -51,4 +53,6 @@ def test_smoothquant_file_computes_the_original_model(tmp_path, caplog):
     assert errs[True] < 0.05 and errs[False] < 0.05
     folded = report.model["smoothquant"]
     assert folded, "no mapping was folded"
+    if flux2:
+        assert any(f["kind"] == "gated_mlp" for f in folded["folded"]), folded
     assert "LoRA" in caplog.text  # runtime LoRAs on folded layers no longer match: said on the console

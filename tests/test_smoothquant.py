@@ -267,3 +267,89 @@ def test_consumer_input_statistics_follow_the_smoothed_inputs(flux):
     new_mean = out.meta["calibration"]["input_mean"].double()
     assert torch.allclose(new_mean @ out.weight.T, mean @ sd[key].T, rtol=1e-6, atol=1e-6)
     assert not torch.equal(new_mean.float(), mean.float())
+
+
+# -- Flux-2: shared bias-free modulations, SiLU-gated MLPs -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux2():
+    sd = make_state_dict(H, 2, double=1, single=1, seed=3, flux2=True)
+    stats = calibration_stats(sd, [random_inputs(H, seed=s) for s in range(3)])
+    return sd, stats
+
+
+def test_flux2_folds_are_the_attention_and_gated_mlp_ones(flux2):
+    sd, _ = flux2
+    folds, skipped = find_folds(DictView(sd))
+    got = {(f.kind, f.consumers, f.col_start, f.width, tuple((e.key, e.start, e.stop) for e in f.producers))
+           for f in folds}
+    m = 3 * H
+    assert got == {
+        ("v_to_o", ("double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.proj"), 0, H,
+         (("double_blocks.0.img_attn.qkv.weight", 2 * H, 3 * H), ("double_blocks.0.txt_attn.qkv.weight", 2 * H, 3 * H))),
+        ("gated_mlp", ("double_blocks.0.img_mlp.2",), 0, m, (("double_blocks.0.img_mlp.0.weight", m, 2 * m),)),
+        ("gated_mlp", ("double_blocks.0.txt_mlp.2",), 0, m, (("double_blocks.0.txt_mlp.0.weight", m, 2 * m),)),
+        ("v_to_o", ("single_blocks.0.linear2",), 0, H, (("single_blocks.0.linear1.weight", 2 * H, 3 * H),)),
+        ("gated_mlp", ("single_blocks.0.linear2",), H, m,
+         (("single_blocks.0.linear1.weight", 3 * H + m, 3 * H + 2 * m),)),
+    }
+    reasons = {tuple(s["layers"]): s["reason"] for s in skipped}
+    for mod in ("double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin"):
+        assert "without a bias" in reasons[(mod,)]
+    assert "no bias" in reasons[("final_layer.adaLN_modulation.1",)]
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.9])
+def test_flux2_smoothed_float_model_equals_the_original(flux2, alpha):
+    # Same bound as for Flux-1: one division and one multiplication per weight in float64. The gated
+    # fold is exact because only the *value* half is divided: silu(gate) · (value / s) = (silu(gate) · value) / s.
+    sd, stats = flux2
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats, alpha=alpha))
+    kinds = {f["kind"] for f in edits.report["smoothquant"]["folded"]}
+    assert "gated_mlp" in kinds
+    sd2 = apply_all(edits, sd)
+    assert not torch.equal(sd2["double_blocks.0.img_mlp.2.weight"], sd["double_blocks.0.img_mlp.2.weight"])
+    for seed in (10, 11):
+        img, txt, vec = random_inputs(H, seed=seed, img_tokens=12, txt_tokens=5)
+        assert rel(forward(sd2, img, txt, vec), forward(sd, img, txt, vec)) < 1e-12
+
+
+def test_a_fold_into_the_gate_half_would_not_be_exact(flux2):
+    # The regression the layout check guards: dividing the *gate* rows is not a fold (silu is not linear).
+    sd, _ = flux2
+    m = 3 * H
+    s = torch.linspace(0.5, 2.0, m, dtype=torch.float64)
+    bad = dict(sd)
+    bad["double_blocks.0.img_mlp.0.weight"] = sd["double_blocks.0.img_mlp.0.weight"].clone()
+    bad["double_blocks.0.img_mlp.0.weight"][:m] /= s[:, None]
+    bad["double_blocks.0.img_mlp.2.weight"] = sd["double_blocks.0.img_mlp.2.weight"] * s
+    img, txt, vec = random_inputs(H, seed=10)
+    assert rel(forward(bad, img, txt, vec), forward(sd, img, txt, vec)) > 1e-3
+
+
+def test_flux2_search_lowers_the_whole_model_w8a8_error_on_held_out_inputs(flux2):
+    sd, stats = flux2
+    edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats, convrot_groupsize=None))
+    assert edits.report["smoothquant"]["folded"]
+    sd2 = apply_all(edits, sd)
+
+    def err(model):
+        num = den = 0.0
+        for seed in (20, 21):
+            img, txt, vec = random_inputs(H, seed=seed)
+            y = forward(sd, img, txt, vec)
+            num += float(((forward(model, img, txt, vec, linear=w8a8_linear()) - y) ** 2).sum())
+            den += float((y ** 2).sum())
+        return (num / den) ** 0.5
+    assert err(sd2) < 0.95 * err(sd)
+
+
+def test_yak_style_gated_mlps_are_skipped_and_listed(flux2):
+    sd, _ = flux2
+    sd = dict(sd)
+    sd["double_blocks.0.img_mlp.gate_proj.weight"] = torch.zeros(3 * H, H, dtype=torch.float64)
+    folds, skipped = find_folds(DictView(sd))
+    assert not any(f.kind == "gated_mlp" for f in folds)
+    assert any("yak_mlp" in s["reason"] for s in skipped)
+    assert any(f.kind == "v_to_o" for f in folds)  # the attention folds do not depend on the MLP layout

@@ -14,14 +14,17 @@ Flux-1 ``*_mod`` / single       adaLN ``shift`` rows and bias ÷ s; ``scale`` ro
                                                                                         ``linear``
 V → output projection           V rows (and bias) of the value / fused qkv Linear       attention
 (``v_to_o``)                                                                            out proj
-gated MLP (``gated_mlp``)       the ``up`` Linear's rows (and bias)                     ``down``
+gated MLP (``gated_mlp``)       the ``up`` Linear's rows (and bias); Flux-2: the         ``down``,
+                                value half of ``mlp.0`` / of ``linear1``'s MLP rows      ``mlp.2``,
+                                                                                        ``linear2``
 pre-norm affine (``norm``)      the norm's weight (and bias)                            the Linears
                                                                                         it feeds
 ==============================  ======================================================  ==========
 
 Structure is read from key names and shapes (Flux-1 ``double_blocks`` / ``single_blocks`` /
 ``final_layer``; BERT ``attention.self.value`` → ``attention.output.dense``; CLIP / Llama / T5
-attention, MLP and pre-norm names). Post-LN encoders (BERT, MiniLM) get **only** V → O: their
+attention, MLP and pre-norm names; Flux-2's bias-free shared modulations cannot take a fold, its
+SiLU-gated MLPs can: only the value half is divided). Post-LN encoders (BERT, MiniLM) get **only** V → O: their
 LayerNorm output is also the residual stream, so a fold into it is not exact. In Flux-1 double
 blocks the image and text V rows share one factor (they meet in one attention) and both ``proj``
 inputs get it. Modulation factors are normalised to ``max s = 1`` (raw factors make the folded
@@ -125,6 +128,75 @@ _NO_BIAS = ("the modulation Linear has no bias, so (1 + scale)/s cannot absorb t
             "the fold would not be exact")
 
 
+def _double_v_to_proj(view: ModelView, blk: str, h: int) -> list[Fold]:
+    """V rows of both streams' fused qkv → both ``proj`` inputs, one factor (they meet in one attention)."""
+    qkvs = [f"{blk}.{st}_attn.qkv" for st in ("img", "txt")]
+    projs = [f"{blk}.{st}_attn.proj" for st in ("img", "txt")]
+    if all(_out_features(view, q) == 3 * h for q in qkvs) and all(_in_features(view, p) == h for p in projs):
+        edits = [e for q in qkvs for e in _rows(view, q, 2 * h, 3 * h)]
+        return [Fold(f"{blk} V -> proj (img+txt, one factor)", "v_to_o", tuple(projs), h, tuple(edits))]
+    return []
+
+
+def _silu_gated(view: ModelView, prefix: str) -> bool:
+    """Flux-2 layout: blocks' MLPs are ``silu(first half) · second half`` (ComfyUI's ``mlp_silu_act``).
+
+    ComfyUI switches it on exactly for files with the shared ``double_stream_modulation_img``; files
+    with ``img_mlp.gate_proj`` (its ``yak_mlp`` variant) gate the other half and are not folded.
+    """
+    return (_has(view, f"{prefix}double_stream_modulation_img.lin.weight")
+            and not _has(view, f"{prefix}double_blocks.0.img_mlp.gate_proj.weight"))
+
+
+_YAK = "gated MLP of ComfyUI's yak_mlp variant (gate_proj/up_proj): which half is gated is not certain; not folded"
+
+
+def _double_without_mod(view: ModelView, prefix: str, blk: str, skipped: list[dict]) -> list[Fold]:
+    """A double block whose modulation lives elsewhere (Flux-2's shared one, Chroma's): V → proj, gated MLPs."""
+    h = _in_features(view, f"{blk}.img_attn.qkv")
+    if h is None:
+        return []
+    folds = _double_v_to_proj(view, blk, h)
+    gated = _silu_gated(view, prefix)
+    for st in ("img", "txt"):
+        up, down = f"{blk}.{st}_mlp.0", f"{blk}.{st}_mlp.2"
+        if _has(view, f"{blk}.{st}_mlp.gate_proj.weight"):
+            skipped.append({"layers": [f"{blk}.{st}_mlp"], "reason": _YAK})
+            continue
+        n, k = _out_features(view, up), _in_features(view, down)
+        if not gated or n is None or k is None or _in_features(view, up) != h:
+            continue  # GELU MLP (Flux-1 layout, Chroma): nothing exact to fold into
+        if n != 2 * k:
+            skipped.append({"layers": [up, down], "reason": f"SiLU-gated MLP expected {up} to have 2·{k} rows "
+                                                           f"({down}'s inputs), found {n}"})
+            continue
+        folds.append(Fold(f"{up}[{k}:{n}] (gated value) -> {down}", "gated_mlp", (down,), k,
+                          tuple(_rows(view, up, k, n))))
+    return folds
+
+
+def _single_without_mod(view: ModelView, prefix: str, blk: str, skipped: list[dict]) -> list[Fold]:
+    """A single block whose modulation lives elsewhere: V → ``linear2[:hidden]``, the gated MLP value → the rest."""
+    l1, l2 = f"{blk}.linear1", f"{blk}.linear2"
+    h, n1, k2 = _in_features(view, l1), _out_features(view, l1), _in_features(view, l2)
+    if h is None or n1 is None or k2 is None or k2 <= h:
+        return []
+    m = k2 - h
+    gated = _silu_gated(view, prefix)
+    if _has(view, f"{prefix}double_blocks.0.img_mlp.gate_proj.weight"):
+        skipped.append({"layers": [l1, l2], "reason": _YAK})
+        return []
+    if n1 == 3 * h + (2 * m if gated else m):
+        folds = [Fold(f"{blk} V -> linear2[:hidden]", "v_to_o", (l2,), h, tuple(_rows(view, l1, 2 * h, 3 * h)))]
+        if gated:
+            folds.append(Fold(f"{l1}[{3 * h + m}:{n1}] (gated value) -> linear2[hidden:]", "gated_mlp", (l2,), m,
+                              tuple(_rows(view, l1, 3 * h + m, n1)), col_start=h))
+        return folds
+    skipped.append({"layers": [l1, l2], "reason": f"single block: {l1} has {n1} rows, expected 3·{h} + "
+                                                  f"{'2·' if gated else ''}{m} for {l2}'s {k2} inputs"})
+    return []
+
+
 def _flux_folds(view: ModelView, keys: list[str], skipped: list[dict]) -> list[Fold]:
     folds = []
     for key in keys:
@@ -150,12 +222,8 @@ def _flux_folds(view: ModelView, keys: list[str], skipped: list[dict]) -> list[F
                         continue
                     folds.append(Fold(f"{mod} -> {cons}", "modulation", (cons,), h,
                                       tuple(_mod_edits(view, mod, h, shift, scale)), normalize=True))
-            qkvs = [f"{blk}.{st}_attn.qkv" for st in ("img", "txt")]
-            projs = [f"{blk}.{st}_attn.proj" for st in ("img", "txt")]
-            if ok and all(_out_features(view, q) == 3 * h for q in qkvs) and all(
-                    _in_features(view, p) == h for p in projs):
-                edits = [e for q in qkvs for e in _rows(view, q, 2 * h, 3 * h)]
-                folds.append(Fold(f"{blk} V -> proj (img+txt, one factor)", "v_to_o", tuple(projs), h, tuple(edits)))
+            if ok:
+                folds += _double_v_to_proj(view, blk, h)
             continue
         m = re.match(r"^(.*?)single_blocks\.(\d+)\.modulation\.lin\.weight$", key)
         if m:
@@ -174,9 +242,20 @@ def _flux_folds(view: ModelView, keys: list[str], skipped: list[dict]) -> list[F
                                   tuple(_rows(view, l1, 2 * h, 3 * h)), col_start=0))
             continue
         if re.search(r"(double_stream_modulation_(img|txt)|single_stream_modulation)\.lin(ear)?\.weight$", key):
-            skipped.append({"layers": [key[: -len(".weight")]],
-                            "reason": "modulation shared across blocks (Flux-2 style): one common factor would have "
-                                      "to serve every block's inputs; not folded"})
+            stem = key[: -len(".weight")]
+            why = ("modulation shared across blocks (Flux-2 style) without a bias: (1 + scale)/s cannot absorb the "
+                   "1/s − 1 offset, so no fold into it is exact" if not _has(view, f"{stem}.bias") else
+                   "modulation shared across blocks (Flux-2 style): one common factor would have to serve every "
+                   "block's inputs; not folded")
+            skipped.append({"layers": [stem], "reason": why})
+            continue
+        m = re.match(r"^(.*?)double_blocks\.(\d+)\.img_attn\.qkv\.weight$", key)
+        if m and not _has(view, f"{m.group(1)}double_blocks.{m.group(2)}.img_mod.lin.weight"):
+            folds += _double_without_mod(view, m.group(1), f"{m.group(1)}double_blocks.{m.group(2)}", skipped)
+            continue
+        m = re.match(r"^(.*?)single_blocks\.(\d+)\.linear1\.weight$", key)
+        if m and not _has(view, f"{m.group(1)}single_blocks.{m.group(2)}.modulation.lin.weight"):
+            folds += _single_without_mod(view, m.group(1), f"{m.group(1)}single_blocks.{m.group(2)}", skipped)
             continue
         m = re.match(r"^(.*?)final_layer\.adaLN_modulation\.1\.weight$", key)
         if m:
