@@ -75,17 +75,19 @@ def test_search_lowers_the_whole_model_w8a8_error_on_held_out_inputs(flux, group
     for f in edits.report["smoothquant"]["folded"]:
         assert f["w8a8_rel_after"] < f["w8a8_rel_before"]
     sd2 = apply_all(edits, sd)
+    lin = w8a8_linear(groupsize=None if groupsize is None else 16)  # "auto" for the folds' K = 32, 160
+    assert held_out_w8a8_error(sd, sd2, lin) < 0.95 * held_out_w8a8_error(sd, sd, lin)
 
-    def err(model):
-        num = den = 0.0
-        for seed in (20, 21):
-            img, txt, vec = random_inputs(H, seed=seed)
-            y = forward(sd, img, txt, vec)
-            lin = w8a8_linear(groupsize=None if groupsize is None else 16)  # "auto" for the folds' K = 32, 160
-            num += float(((forward(model, img, txt, vec, linear=lin) - y) ** 2).sum())
-            den += float((y ** 2).sum())
-        return (num / den) ** 0.5
-    assert err(sd2) < 0.95 * err(sd)
+
+def held_out_w8a8_error(reference, model, linear, seeds=(20, 21)):
+    """Whole-model relative output error of ``model`` run with ``linear`` against the float ``reference``."""
+    num = den = 0.0
+    for seed in seeds:
+        img, txt, vec = random_inputs(H, seed=seed)
+        y = forward(reference, img, txt, vec)
+        num += float(((forward(model, img, txt, vec, linear=linear) - y) ** 2).sum())
+        den += float((y ** 2).sum())
+    return (num / den) ** 0.5
 
 
 def test_warning_names_lora_mismatch_and_nothing_extra_is_written(flux):
@@ -333,16 +335,7 @@ def test_flux2_search_lowers_the_whole_model_w8a8_error_on_held_out_inputs(flux2
     edits = smoothquant(DictView(sd), cfg=SmoothQuantConfig(calibration=stats, convrot_groupsize=None))
     assert edits.report["smoothquant"]["folded"]
     sd2 = apply_all(edits, sd)
-
-    def err(model):
-        num = den = 0.0
-        for seed in (20, 21):
-            img, txt, vec = random_inputs(H, seed=seed)
-            y = forward(sd, img, txt, vec)
-            num += float(((forward(model, img, txt, vec, linear=w8a8_linear()) - y) ** 2).sum())
-            den += float((y ** 2).sum())
-        return (num / den) ** 0.5
-    assert err(sd2) < 0.95 * err(sd)
+    assert held_out_w8a8_error(sd, sd2, w8a8_linear()) < 0.95 * held_out_w8a8_error(sd, sd, w8a8_linear())
 
 
 def test_yak_style_gated_mlps_are_skipped_and_listed(flux2):
