@@ -336,6 +336,16 @@ def _mask_rows(x2: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> 
     return x2
 
 
+def _check_capture_options(max_tokens: int | None, token_mask: str | None) -> None:
+    """The options :func:`capture` and :func:`cq.sequential.capture_sequential` share, checked before any pass."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens <= 0):
+        raise ConfigError(f"max_tokens={max_tokens!r} must be a positive int or None")
+    if token_mask is not None and not isinstance(token_mask, str):
+        raise ConfigError(f"token_mask={token_mask!r} must be the name of a mask entry of the inputs "
+                          "(e.g. 'attention_mask') or None")
+
+
 def _item_mask(item: Any, token_mask: str | None, where: str) -> torch.Tensor | None:
     if token_mask is None:
         return None
@@ -382,9 +392,7 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
     Returns:
         ``{weight_stem: HessianStats}`` for every selected layer that saw at least one token.
     """
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or max_tokens <= 0):
-        raise ConfigError(f"max_tokens={max_tokens!r} must be a positive int or None")
+    _check_capture_options(max_tokens, token_mask)
     key_of = _key_fn(name_map)
     selected = []
     for name, mod in _select(module, layers):
@@ -404,9 +412,6 @@ def capture(module: torch.nn.Module, inputs: Iterable[Any], *,
     for spec in w8a8_specs:
         w8a8_groupsize(64, spec)  # validates the spelling before any forward pass
 
-    if token_mask is not None and not isinstance(token_mask, str):
-        raise ConfigError(f"token_mask={token_mask!r} must be the name of a mask entry of the inputs "
-                          "(e.g. 'attention_mask') or None")
     current: dict[str, Any] = {}
 
     def make_hook(key: str, k: int):

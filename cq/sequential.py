@@ -42,8 +42,8 @@ from typing import Any, Callable, Iterable, Mapping
 import attrs
 import torch
 
-from .calibrate import (CHUNK_TOKENS, HessianAcc, HessianStats, _accumulate_, _call, _item_mask, _key_fn, _mask_rows,
-                        _rows, _select, hessian_finalize, hessian_init)
+from .calibrate import (CHUNK_TOKENS, HessianAcc, HessianStats, _accumulate_, _call, _check_capture_options,
+                        _item_mask, _key_fn, _mask_rows, _rows, _select, hessian_finalize, hessian_init)
 from .errors import ConfigError, InputError
 from .state import LayerState
 
@@ -192,14 +192,9 @@ def capture_sequential(module: torch.nn.Module, inputs: Iterable[Any], *, quanti
     from .transforms.hessian_check import check_hessian
     from .transforms.rounding import reconstruct
 
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or max_tokens <= 0):
-        raise ConfigError(f"max_tokens={max_tokens!r} must be a positive int or None")
+    _check_capture_options(max_tokens, token_mask)
     if not isinstance(early_exit, bool):
         raise ConfigError(f"early_exit={early_exit!r} must be True or False")
-    if token_mask is not None and not isinstance(token_mask, str):
-        raise ConfigError(f"token_mask={token_mask!r} must be the name of a mask entry of the inputs "
-                          "(e.g. 'attention_mask') or None")
     run = _quantizer(quantize)
     key_of = _key_fn(name_map)
     items = list(inputs)

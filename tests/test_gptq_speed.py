@@ -94,15 +94,20 @@ def test_a_healthy_layer_is_factored_once(monkeypatch, stage):
     assert out.metrics["cholesky_tries"] == 1
 
 
+def _indefinite(k, index, value, g):
+    """A symmetric float32 ``[k, k]`` with eigenvalues 1 except ``value`` (negative) at ``index``, random eigenvectors."""
+    q, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    lam = torch.ones(k, dtype=torch.float64)
+    lam[index] = value
+    return ((q * lam) @ q.T).to(torch.float32)
+
+
 @pytest.mark.parametrize("percdamp", [0.01, 0.2])
 def test_an_indefinite_hessian_is_still_judged_and_rounded_to_nearest(percdamp):
     # Eigenvalue −0.05 (mean diagonal ~0.93): percdamp 0.2 factors it at the first try, yet it is no
     # Gram matrix, so it must be rejected as before (the test damps with 0.01 only).
     g = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
-    lam = torch.ones(16, dtype=torch.float64)
-    lam[5] = -0.05
-    h = ((q * lam) @ q.T).to(torch.float32)
+    h = _indefinite(16, 5, -0.05, g)
     state = absmax_scale(LayerState.from_weight("fc", torch.randn(8, 16, generator=g), hessian=h))
     out = gptq_update(state, cfg=GPTQConfig(damping=DampingConfig(percdamp=percdamp)))
     assert any("indefinite" in n and n.startswith("warning:") for n in out.notes)
@@ -173,10 +178,7 @@ def test_check_without_factorization_leaves_the_verdict_to_the_solver():
     from cq.transforms import HessianCheckConfig, check_hessian
 
     g = torch.Generator().manual_seed(2)
-    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
-    lam = torch.ones(12, dtype=torch.float64)
-    lam[3] = -0.5
-    bad = ((q * lam) @ q.T).to(torch.float32)
+    bad = _indefinite(12, 3, -0.5, g)
     state = absmax_scale(LayerState.from_weight("fc", torch.randn(6, 12, generator=g), hessian=bad))
     assert check_hessian(state).hessian is None  # the full check drops it
     passed = check_hessian(state, cfg=HessianCheckConfig(definite=False))

@@ -204,6 +204,22 @@ class Calibration:
             raise InputError(f"{self.path}: {layer}.{suffix} must hold finite floats; recapture this layer")
         return t.to(torch.float32)
 
+    def _matrix(self, layer: str, suffix: str, k: int | None, fallback: str) -> torch.Tensor | None:
+        """A ``[K, K]`` entry as float32, checked for shape, dtype and NaN/Inf (``fallback``: the way out)."""
+        t = self._read(layer, suffix)
+        if t is None:
+            return None
+        if k is not None and tuple(t.shape) != (k, k):
+            raise InputError(f"{self.path}: {layer}.{suffix} is {list(t.shape)} but the layer has in_features={k}; "
+                             "the calibration file belongs to another model (recapture it)")
+        if not t.is_floating_point():
+            raise InputError(f"{self.path}: {layer}.{suffix} must be float, got {t.dtype}")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise InputError(f"{self.path}: {layer}.{suffix} has {bad} NaN/Inf entries (it must be finite); "
+                             f"recapture this layer (its inputs overflowed) {fallback}")
+        return t.to(torch.float32)
+
     def _check_length(self, layer: str, suffix: str, t: torch.Tensor | None, k: int | None) -> None:
         if t is not None and k is not None and tuple(t.shape) != (k,):
             raise InputError(f"{self.path}: {layer}.{suffix} has {t.numel()} values but the layer has "
@@ -245,19 +261,9 @@ class Calibration:
         """
         if self.kind == "reference":
             return self._reference_hessian(layer, k)
-        h = self._read(layer, "hessian")
+        h = self._matrix(layer, "hessian", k, "or delete the entry to fall back to H = I")
         if h is None:
             return None
-        if k is not None and tuple(h.shape) != (k, k):
-            raise InputError(f"{self.path}: {layer}.hessian is {list(h.shape)} but the layer has in_features={k}; "
-                             "the calibration file belongs to another model (recapture it)")
-        if not h.is_floating_point():
-            raise InputError(f"{self.path}: {layer}.hessian must be float, got {h.dtype}")
-        bad = int((~torch.isfinite(h)).sum())
-        if bad:
-            raise InputError(f"{self.path}: {layer}.hessian has {bad} NaN/Inf entries; recapture this layer "
-                             "(its inputs overflowed) or delete the entry to fall back to H = I")
-        h = h.to(torch.float32)
         scale = float(h.abs().max()) if h.numel() else 0.0
         asym = float((h - h.t()).abs().max()) if h.numel() else 0.0
         if asym > 1e-5 * max(scale, 1e-30):
@@ -267,15 +273,7 @@ class Calibration:
 
     def upstream(self, layer: str, *, k: int | None = None) -> torch.Tensor | None:
         """The sequential calibration's cross term ``2/T·(X − X̃)ᵀX̃`` of ``layer`` (float32 ``[K, K]``), or ``None``."""
-        d = self._read(layer, "upstream")
-        if d is None:
-            return None
-        if k is not None and tuple(d.shape) != (k, k):
-            raise InputError(f"{self.path}: {layer}.upstream is {list(d.shape)} but the layer has in_features={k}; "
-                             "the calibration file belongs to another model (recapture it)")
-        if not d.is_floating_point() or not bool(torch.isfinite(d).all()):
-            raise InputError(f"{self.path}: {layer}.upstream must hold finite floats; recapture this layer")
-        return d.to(torch.float32)
+        return self._matrix(layer, "upstream", k, "or delete the entry to run without the correction")
 
     def hessian_kind(self, layer: str) -> str | None:
         """What :meth:`hessian` returns for ``layer``: ``"captured"`` (a cq file), ``"diagonal"`` (the
